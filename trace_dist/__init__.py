@@ -1,0 +1,3 @@
+"""trace-dist: a distributed trainer for TRACE (Transformer Recurrent AutoenCodEr)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from trace_dist.cli import main
+
+sys.exit(main())

@@ -1,0 +1,271 @@
+"""Typed run configuration: YAML files that extend each other, dotted overrides, clear errors.
+
+One `TraceConfig` drives every command. A YAML file may name a parent with `extends:` (a path
+relative to that file); keys merge depth-first, the child winning. Command-line overrides are
+`dotted.key=value` with YAML-typed values (`kl.beta=0.5`, `model.latent=none`). Validation
+happens once, here, before any process starts, and every error names the offending field.
+The DeepSpeed part of the run starts from `ds_config.json` and is patched by the typed keys,
+so the two never disagree (see `deepspeed_config()`).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trace_dist.data.config import DataConfig
+from trace_dist.model.config import ModelConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the field. The CLI exits 2 on it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(200, ge=1, description="optimizer steps")
+    micro_batch_size: int = Field(8, ge=1, description="documents per rank per micro-step")
+    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    seed: int = 1234
+    output_dir: str = Field("runs/default", description="run directory: checkpoints/, tensorboard/, samples")
+    lr: Optional[float] = Field(None, gt=0.0, description="peak learning rate (default: ds_config.json)")
+    warmup_steps: Optional[int] = Field(None, ge=0, description="LR warm-up (default: ds_config.json)")
+    weight_decay: Optional[float] = Field(None, ge=0.0)
+    gradient_clipping: float = Field(1.0, ge=0.0, description="global-norm clip; 0 disables")
+    log_interval: int = Field(10, ge=1)
+    eval_interval: int = Field(100, ge=1, description="validate every N steps (and at the end)")
+    eval_batches: int = Field(8, ge=1, description="validation micro-batches per rank")
+    samples_to_log: int = Field(4, ge=0, description="generated samples logged at each validation")
+    max_nonfinite_in_row: int = Field(5, ge=1, description="stop after this many non-finite steps in a row")
+    progress: bool = True
+
+
+class KLConfig(_Section):
+    beta: float = Field(1.0, ge=0.0, description="KL weight (the peak, under a schedule)")
+    schedule: Literal["constant", "linear", "cyclical"] = "constant"
+    warmup_steps: int = Field(0, ge=0, description="linear: steps from beta_start to beta")
+    cycles: int = Field(4, ge=1, description="cyclical: number of cycles over train.max_steps")
+    ratio_zero: float = Field(0.25, ge=0.0, le=1.0, description="cyclical: fraction of a cycle at beta_start")
+    ratio_increase: float = Field(0.25, ge=0.0, le=1.0, description="cyclical: fraction rising to beta")
+    beta_start: float = Field(0.0, ge=0.0)
+    free_bits: float = Field(0.0, ge=0.0, description="per latent dimension and segment, nats (Optimus)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "KLConfig":
+        if self.ratio_zero + self.ratio_increase > 1.0:
+            raise ValueError("ratio_zero + ratio_increase must be <= 1")
+        return self
+
+
+class CheckpointConfig(_Section):
+    interval: int = Field(100, ge=1, description="save every N optimizer steps (and at the end)")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept; older ones are deleted")
+    resume: str = Field("auto", description="'auto' (latest in output_dir, if any), 'none', or a path")
+
+
+class ZeroConfig(_Section):
+    stage: int = Field(2, ge=0, le=3)
+    offload_optimizer: bool = False
+
+
+class GenerationConfig(_Section):
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int = Field(0, ge=0, description="0 disables")
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, ge=1.0)
+    greedy: bool = False
+
+
+class EvalConfig(_Section):
+    split: Literal["valid", "test"] = "test"
+    iw_samples: int = Field(30, ge=1, description="importance samples for NLL/PPL (DELLA: 30)")
+    num_samples: int = Field(200, ge=2, description="generated samples for BLEU/Self-BLEU/Distinct")
+    batch_size: int = Field(8, ge=1)
+    au_delta: float = Field(0.01, gt=0.0)
+
+
+class TraceConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    kl: KLConfig = KLConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    zero: ZeroConfig = ZeroConfig()
+    generation: GenerationConfig = GenerationConfig()
+    eval: EvalConfig = EvalConfig()
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    deepspeed_config: str = Field("ds_config.json", description="base DeepSpeed config, patched by the keys above")
+    tensorboard: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "TraceConfig":
+        if self.data.max_tokens > self.model.block_size:
+            raise ValueError(f"data.max_tokens ({self.data.max_tokens}) exceeds model.block_size "
+                             f"({self.model.block_size})")
+        if self.data.max_segments > self.model.max_segments:
+            raise ValueError(f"data.max_segments ({self.data.max_segments}) exceeds model.max_segments "
+                             f"({self.model.max_segments})")
+        return self
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.output_dir)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.run_dir / "tensorboard"
+
+    def deepspeed_config_dict(self, world_size: int = 1) -> dict[str, Any]:
+        """ds_config.json patched by the typed keys (the typed keys always win)."""
+        ds = copy.deepcopy(_load_json(_resolve(self.deepspeed_config)))
+        ds["train_micro_batch_size_per_gpu"] = self.train.micro_batch_size
+        ds["gradient_accumulation_steps"] = self.train.grad_accum
+        ds["train_batch_size"] = self.train.micro_batch_size * self.train.grad_accum * world_size
+        ds["gradient_clipping"] = self.train.gradient_clipping
+        zero = ds.setdefault("zero_optimization", {})
+        zero["stage"] = self.zero.stage
+        if self.zero.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        else:
+            zero.pop("offload_optimizer", None)
+        ds.setdefault("bf16", {})["enabled"] = self.precision == "bf16"
+        ds.setdefault("fp16", {})["enabled"] = self.precision == "fp16"
+        opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})
+        if self.train.lr is not None:
+            opt["lr"] = self.train.lr
+        if self.train.weight_decay is not None:
+            opt["weight_decay"] = self.train.weight_decay
+        sched = ds.get("scheduler", {}).get("params")
+        if sched is not None:
+            if "total_num_steps" in sched:
+                sched["total_num_steps"] = self.train.max_steps
+            if self.train.warmup_steps is not None:
+                sched["warmup_num_steps"] = self.train.warmup_steps
+            if self.train.lr is not None and "warmup_max_lr" in sched:
+                sched["warmup_max_lr"] = self.train.lr
+        ds.pop("tensorboard", None)  # we write our own events (DeepSpeed no longer logs the loss)
+        return ds
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# -------------------------------------------------------------------- loading
+def _resolve(path: str | os.PathLike) -> Path:
+    """A path as given, else relative to the repository root (for ds_config.json and configs/)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    alt = REPO_ROOT / p
+    return alt if alt.exists() else p
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"deepspeed_config: file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed_config: {path} is not valid JSON: {e}") from None
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = _resolve(path)
+    if path in seen:
+        raise ConfigError(f"extends: cycle through {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base = _read_yaml((path.parent / parent) if not Path(parent).is_absolute() else Path(parent), seen + (path,))
+    return deep_merge(base, data)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['kl.beta=0.5', 'model.latent=none'] -> nested dict with YAML-typed values."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is set to a value and used as a section")
+        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+    return tree
+
+
+def _field_error(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        known = _known_keys(err["loc"][:-1])
+        close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+        msg = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else f"; known: {', '.join(known)}")
+    elif err["type"] != "missing" and not isinstance(err.get("input"), (dict, type(None))):
+        msg += f" (got {err['input']!r})"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    model: Any = TraceConfig
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        if field is None:
+            return []
+        model = field.annotation
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def build_config(raw: dict) -> TraceConfig:
+    try:
+        return TraceConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [_field_error(err) for err in e.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(paths: list[str | os.PathLike] | str | None = None, overrides: list[str] | None = None) -> TraceConfig:
+    """Merge the YAML files left to right, apply dotted overrides, validate."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    raw: dict = {}
+    for p in paths or []:
+        raw = deep_merge(raw, _read_yaml(Path(p)))
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    return build_config(raw)
