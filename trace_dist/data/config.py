@@ -29,6 +29,8 @@ class DataConfig(BaseModel):
     shuffle_buffer: int = Field(256, ge=1)
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0,
                                     description="bad samples tolerated before the run stops")
+    bad_check_min_samples: int = Field(100, ge=1,
+                                       description="samples read before max_bad_fraction is enforced")
 
     @field_validator("segment")
     @classmethod

@@ -1,0 +1,105 @@
+"""Prepared records -> the batch dict of docs/INTERFACES.md.
+
+Layout of one example (conditional prompt first):
+
+    tokens : p p p SEP | a a a SEP | b b SEP | c c c c EOS | PAD PAD
+    seg_ids: -1 ...-1  |  0 0 0 0  |  1 1 1  |  2 2 2 2 2  |  -1  -1
+
+Every segment ends with `sep` except the last, which ends with `eos`; the separator belongs to
+(and is counted in the length of) the segment it closes. Segmentation is chosen here, at load
+time: `sentence` uses the stored boundaries, `fixed:N` cuts the ids into N-1 tokens + separator,
+so one prepared dataset serves every segmentation (Ray Tune sweeps N without re-preparing).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trace_dist.data.config import DataConfig, parse_segment
+from trace_dist.data.segment import fixed_bounds
+from trace_dist.data.shards import Record
+from trace_dist.vocab import Vocab
+
+
+@dataclass
+class Example:
+    tokens: np.ndarray  # int64 [T]
+    seg_ids: np.ndarray  # int64 [T], -1 on the prompt
+    num_segments: int
+
+
+class Layout:
+    """Applies data.segment and the length limits; counts what the limits cut."""
+
+    def __init__(self, cfg: DataConfig, vocab: Vocab, conditional: bool):
+        self.kind, self.length = parse_segment(cfg.segment)
+        self.cfg, self.vocab, self.conditional = cfg, vocab, conditional
+        self.cut = Counter()  # segments / tokens dropped by the limits
+
+    def segments(self, record: Record) -> list[np.ndarray]:
+        """The record's token ids split into segments (content only, no separators)."""
+        if self.kind == "fixed":
+            bounds = fixed_bounds(len(record.ids), self.length - 1)  # the separator is one of the N
+        else:
+            bounds = record.bounds
+        return np.split(record.ids, bounds[:-1])
+
+    def example(self, record: Record) -> Example:
+        cfg, vocab = self.cfg, self.vocab
+        parts, seg_ids = [], []
+        budget = cfg.max_tokens
+        if self.conditional:
+            # The prompt may use at most half the budget; the rest is for the text.
+            prompt = record.prompt[: max(budget // 2 - 1, 0)]
+            self.cut["prompt_tokens"] += len(record.prompt) - len(prompt)
+            parts.append(np.append(prompt, vocab.sep))
+            seg_ids.append(np.full(len(prompt) + 1, -1))
+            budget -= len(prompt) + 1
+        segments = self.segments(record)
+        kept = segments[: cfg.max_segments]
+        self.cut["segments"] += len(segments) - len(kept)
+        self.cut["tokens"] += sum(len(s) for s in segments[len(kept):])
+        for k, seg in enumerate(kept):
+            room = min(cfg.max_segment_tokens, budget) - 1  # content tokens that fit with the closer
+            if room < 1:
+                self.cut["segments"] += len(kept) - k
+                self.cut["tokens"] += sum(len(s) for s in kept[k:])
+                kept = kept[:k]
+                break
+            self.cut["tokens"] += max(len(seg) - room, 0)
+            parts.append(np.append(seg[:room], vocab.sep))
+            seg_ids.append(np.full(min(len(seg), room) + 1, k))
+            budget -= min(len(seg), room) + 1
+        parts[-1][-1] = vocab.eos  # the last segment closes with eos (records are never empty)
+        return Example(np.concatenate(parts).astype(np.int64), np.concatenate(seg_ids).astype(np.int64), len(kept))
+
+
+def collate(examples: list[Example | None], vocab: Vocab, bad_samples: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest example; `None` is a padding example (example_mask False)."""
+    B = len(examples)
+    T = max([len(e.tokens) for e in examples if e is not None] or [1])
+    tokens = torch.full((B, T), vocab.pad, dtype=torch.int64)
+    seg_ids = torch.full((B, T), -1, dtype=torch.int64)
+    num_segments = torch.zeros(B, dtype=torch.int64)
+    prompt_mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, e in enumerate(examples):
+        if e is None:
+            continue
+        n = len(e.tokens)
+        tokens[b, :n] = torch.from_numpy(e.tokens)
+        seg_ids[b, :n] = torch.from_numpy(e.seg_ids)
+        prompt_mask[b, :n] = torch.from_numpy(e.seg_ids < 0)
+        num_segments[b] = e.num_segments
+    return {
+        "tokens": tokens,  # [B, T]
+        "seg_ids": seg_ids,  # [B, T]
+        "loss_mask": seg_ids >= 0,  # [B, T]
+        "prompt_mask": prompt_mask,  # [B, T]
+        "num_segments": num_segments,  # [B]
+        "example_mask": torch.tensor([e is not None for e in examples], dtype=torch.bool),  # [B]
+        "bad_samples": torch.tensor(bad_samples, dtype=torch.int64),  # []
+    }

@@ -1,0 +1,258 @@
+"""Streaming prepared shards into batches: an endless training stream and exact evaluation passes.
+
+Training (`train_loader`): the stream of rank r is a sequence of chunks, each `chunk_batches`
+micro-batches long. Chunk c is built only from (seed, r, c): `wds.ResampledShards` seeded with
+them draws shards (with replacement), all their samples are pooled, shuffled by the same seed and
+cut into batches. Batch i is therefore a pure function of (seed, r, i), whatever the number of
+DataLoader workers (worker w builds chunks w, w+k, ...; the DataLoader returns them in order), and
+resuming at micro-step N rebuilds chunk N // chunk_batches and skips into it. No node splitting:
+every rank draws its own shards, so ranks never run out at different times.
+
+Evaluation (`eval_loader`): the manifest gives each shard's sample count, so the split is a
+numbered list of samples; rank r takes a contiguous 1/world_size of it, DataLoader worker w a
+contiguous part of that, and each worker reads only the shards overlapping its range. Every sample
+is seen exactly once, shards need not outnumber ranks x workers, and each rank knows every rank's
+batch count up front, so it pads with empty batches (example_mask False) to the common maximum.
+
+Corruption: a shard that cannot be read, is truncated, or holds a sample that fails to decode
+loses those samples; they are counted (manifest count - readable samples), logged once per shard,
+and reported in the next batch's `bad_samples`. Once more than `max_bad_fraction` of the samples
+seen (after `bad_check_min_samples`) were bad, the stream stops with an error naming the shards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from trace_dist.data.batch import Layout, collate
+from trace_dist.data.config import DataConfig
+from trace_dist.data.shards import Record, decode
+from trace_dist.vocab import Vocab
+
+log = logging.getLogger("trace_dist.data")
+SPLITS = ("train", "valid", "test")
+
+
+def manifest(path: str | Path) -> dict:
+    """DIR/manifest.json of a prepared data directory."""
+    file = Path(path) / "manifest.json"
+    if not file.is_file():
+        parts = sorted(p.name for p in Path(path).glob("manifest-p*.json"))
+        hint = f" (only partition manifests {parts}: not all partitions finished)" if parts else \
+            " (run `trace-dist prepare` first)"
+        raise FileNotFoundError(f"no {file}{hint}")
+    return json.loads(file.read_text())
+
+
+class ShardReader:
+    """Reads whole shards into records, counting bad samples and enforcing max_bad_fraction."""
+
+    def __init__(self, cfg: DataConfig, vocab: Vocab, conditional: bool, split: str):
+        meta = manifest(cfg.path)
+        if conditional and not meta["conditional"]:
+            raise ValueError(f"{cfg.path} was prepared without --conditional; it has no prompts")
+        if meta["vocab_size"] != vocab.size:
+            raise ValueError(f"{cfg.path}: prepared with a {meta['vocab_size']}-token vocabulary, "
+                             f"the model's has {vocab.size}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        shards = meta["splits"][split]["shards"]
+        if not shards:
+            raise ValueError(f"{cfg.path}: the {split} split has no samples")
+        self.urls = [str(Path(cfg.path) / s["name"]) for s in shards]
+        self.counts = [s["samples"] for s in shards]
+        self.expected = dict(zip(self.urls, self.counts))
+        self.cfg, self.vocab, self.conditional = cfg, vocab, conditional
+        self.good = self.bad = 0
+        self.bad_shards: dict[str, str] = {}  # url -> first error
+
+    def read(self, url: str) -> tuple[dict[int, Record], int]:
+        """{index in shard: record} of the readable samples, and how many were bad."""
+        expected = self.expected[url]
+        errors: list[Exception] = []
+
+        def keep_going(exn: Exception) -> bool:
+            errors.append(exn)
+            return True
+
+        records: dict[int, Record] = {}
+        for sample in wds.tarfile_to_samples(handler=keep_going)(iter([{"url": url}])):
+            try:
+                index = int(sample["__key__"])
+                records[index] = decode(sample, self.vocab.size, self.conditional)
+            except (ValueError, KeyError, UnicodeDecodeError, json.JSONDecodeError) as exn:
+                errors.append(exn)
+                continue
+        records = {i: r for i, r in records.items() if 0 <= i < expected}
+        bad = expected - len(records)
+        self._account(url, len(records), bad, errors)
+        return records, bad
+
+    def _account(self, url: str, good: int, bad: int, errors: list[Exception]) -> None:
+        self.good += good
+        self.bad += bad
+        if bad and url not in self.bad_shards:
+            self.bad_shards[url] = repr(errors[0]) if errors else "samples missing"
+            log.warning("data: skipped %d bad samples of %s: %s", bad, url, self.bad_shards[url])
+        seen = self.good + self.bad
+        if seen >= self.cfg.bad_check_min_samples and self.bad > self.cfg.max_bad_fraction * seen:
+            raise RuntimeError(
+                f"data: {self.bad} of {seen} samples were unreadable (> max_bad_fraction="
+                f"{self.cfg.max_bad_fraction}); bad shards: " +
+                "; ".join(f"{u} ({e})" for u, e in self.bad_shards.items()))
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def _same_for_every_worker() -> int:
+    return 0  # chunk seeds already say which rank and chunk; workers must not change them
+
+
+class TrainChunks(IterableDataset):
+    """Chunks (lists of `chunk_batches` batches) of one rank's endless training stream."""
+
+    def __init__(self, cfg: DataConfig, vocab: Vocab, micro_batch_size: int, rank: int, seed: int,
+                 start_step: int, conditional: bool):
+        self.reader = ShardReader(cfg, vocab, conditional, "train")
+        self.layout = Layout(cfg, vocab, conditional)
+        self.vocab, self.micro_batch_size, self.rank, self.seed = vocab, micro_batch_size, rank, seed
+        self.start_step = start_step
+        self.chunk_batches = max(1, math.ceil(cfg.shuffle_buffer / micro_batch_size))
+
+    def chunk_seed(self, chunk: int) -> int:
+        return int(np.random.SeedSequence([self.seed, self.rank, chunk]).generate_state(1)[0])
+
+    def chunk(self, chunk: int) -> list[dict[str, torch.Tensor]]:
+        need = self.chunk_batches * self.micro_batch_size
+        seed = self.chunk_seed(chunk)
+        draws = iter(wds.ResampledShards(self.reader.urls, seed=seed, worker_seed=_same_for_every_worker,
+                                         deterministic=True))
+        pool: list[Record] = []
+        bad = ndraws = 0
+        # Pool whole shards until the chunk is full; at least two when there are two, for mixing.
+        while len(pool) < need or ndraws < min(2, len(self.reader.urls)):
+            url = next(draws)["url"]
+            ndraws += 1
+            records, n_bad = self.reader.read(url)
+            pool += [records[i] for i in sorted(records)]
+            bad += n_bad
+            if not pool and ndraws >= 10 * len(self.reader.urls):
+                raise RuntimeError(f"data: no readable training sample in {ndraws} shard draws: "
+                                   f"{self.reader.bad_shards}")
+        order = np.random.default_rng(seed).permutation(len(pool))[:need]
+        examples = [self.layout.example(pool[i]) for i in order]
+        mbs = self.micro_batch_size
+        return [collate(examples[j * mbs:(j + 1) * mbs], self.vocab, bad if j == 0 else 0)
+                for j in range(self.chunk_batches)]
+
+    def __iter__(self) -> Iterator[list[dict[str, torch.Tensor]]]:
+        worker, num_workers = _worker()
+        first = self.start_step // self.chunk_batches
+        for chunk in itertools.count(first + worker, num_workers):
+            batches = self.chunk(chunk)
+            yield batches[self.start_step - first * self.chunk_batches:] if chunk == first else batches
+
+
+class TrainLoader:
+    """Endless iterable of micro-batches (see the module docstring for its determinism)."""
+
+    def __init__(self, chunks: TrainChunks, num_workers: int):
+        self.chunks, self.num_workers = chunks, num_workers
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        loader = DataLoader(self.chunks, batch_size=None, num_workers=self.num_workers)
+        for batches in loader:
+            yield from batches
+
+
+def train_loader(data_cfg: DataConfig, vocab: Vocab, micro_batch_size: int, rank: int, world_size: int,
+                 seed: int, start_step: int = 0, conditional: bool = False) -> TrainLoader:
+    """Micro-batch i of rank r is a pure function of (seed, r, i); world_size only validates rank."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    chunks = TrainChunks(data_cfg, vocab, micro_batch_size, rank, seed, start_step, conditional)
+    return TrainLoader(chunks, data_cfg.num_workers)
+
+
+def _share(lo: int, hi: int, part: int, parts: int) -> tuple[int, int]:
+    """The part-th of `parts` contiguous, near-equal pieces of [lo, hi)."""
+    n = hi - lo
+    return lo + n * part // parts, lo + n * (part + 1) // parts
+
+
+class EvalBatches(IterableDataset):
+    """One rank's share of a split, in batches of exactly batch_size slots (None = padding)."""
+
+    def __init__(self, cfg: DataConfig, vocab: Vocab, split: str, batch_size: int, rank: int, world_size: int,
+                 conditional: bool):
+        self.reader = ShardReader(cfg, vocab, conditional, split)
+        self.layout = Layout(cfg, vocab, conditional)
+        self.vocab, self.batch_size = vocab, batch_size
+        self.offsets = np.concatenate([[0], np.cumsum(self.reader.counts)])  # [n_shards + 1]
+        self.world_size, self.num_workers = world_size, max(cfg.num_workers, 1)
+        self.range = _share(0, int(self.offsets[-1]), rank, world_size)
+
+    def num_batches(self, rank: int) -> int:
+        rank_range = _share(0, int(self.offsets[-1]), rank, self.world_size)
+        return sum(math.ceil((hi - lo) / self.batch_size)
+                   for lo, hi in (_share(*rank_range, w, self.num_workers) for w in range(self.num_workers)))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker, num_workers = _worker()
+        lo, hi = _share(*self.range, worker, num_workers)
+        slots, bad = [], 0
+        for s, url in enumerate(self.reader.urls):
+            start, end = max(lo, int(self.offsets[s])), min(hi, int(self.offsets[s + 1]))
+            if start >= end:
+                continue
+            records, _ = self.reader.read(url)
+            for index in range(start - int(self.offsets[s]), end - int(self.offsets[s])):
+                record = records.get(index)
+                bad += record is None
+                slots.append(record and self.layout.example(record))
+                if len(slots) == self.batch_size:
+                    yield collate(slots, self.vocab, bad)
+                    slots, bad = [], 0
+        if slots:
+            yield collate(slots + [None] * (self.batch_size - len(slots)), self.vocab, bad)
+
+
+class EvalLoader:
+    """Finite; every rank yields `len(loader)` batches, the same number on every rank."""
+
+    def __init__(self, batches: EvalBatches, num_workers: int):
+        self.batches, self.num_workers = batches, num_workers
+        self.length = max(batches.num_batches(r) for r in range(batches.world_size))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        loader = DataLoader(self.batches, batch_size=None, num_workers=self.num_workers)
+        count = 0
+        for batch in loader:
+            count += 1
+            yield batch
+        for _ in range(self.length - count):
+            yield collate([None] * self.batches.batch_size, self.batches.vocab, 0)
+
+
+def eval_loader(data_cfg: DataConfig, vocab: Vocab, split: str, batch_size: int, rank: int, world_size: int,
+                conditional: bool = False) -> EvalLoader:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    batches = EvalBatches(data_cfg, vocab, split, batch_size, rank, world_size, conditional)
+    return EvalLoader(batches, data_cfg.num_workers)
