@@ -1,0 +1,134 @@
+"""trace-dist eval / generate on a tiny randomly initialised TRACE, exported per the export contract."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import trace_dist.model  # noqa: F401  (import order: see the report on the config <-> model cycle)
+from trace_dist import evaluate
+
+TINY = "configs/tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_data, tmp_path_factory):
+    """An export directory (model.safetensors + config.yaml + tokenizer.json) of an untrained tiny model."""
+    from safetensors.torch import save_model
+
+    from trace_dist.config import load_config
+    from trace_dist.data import load_tokenizer
+    from trace_dist.model import TRACE
+
+    out = tmp_path_factory.mktemp("export")
+    cfg = load_config([TINY], [f"data.path={tiny_data}", f"train.output_dir={out}", "tensorboard=false"])
+    tokenizer, vocab = load_tokenizer(tiny_data)
+    torch.manual_seed(0)
+    save_model(TRACE(cfg.model, vocab), str(out / "model.safetensors"))
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    tokenizer.save(str(out / "tokenizer.json"))
+    return out
+
+
+def _likelihood(export, overrides=(), seed=1):
+    from trace_dist.checkpoint import load_for_inference
+
+    model, cfg, _, vocab = load_for_inference(export, list(overrides))
+    return evaluate.likelihood_metrics(model, cfg, vocab, "test", iw_samples=3, seed=seed, device="cpu")[0]
+
+
+def test_likelihood_and_latent_metrics(tiny_export):
+    m = _likelihood(tiny_export)
+    assert m["num_examples"] > 10 and m["num_tokens"] > m["num_examples"]
+    assert math.isfinite(m["nll_iw"]) and m["ppl_iw"] == pytest.approx(math.exp(m["nll_iw"]))
+    assert m["elbo"] == pytest.approx(-(m["rec"] + m["kl"]))
+    # the LayerNorm residual posterior guarantees every segment's KL >= d * gamma^2 / 2
+    assert m["kl_floor"] > 0 and min(m["kl_per_segment"]) >= m["kl_floor"] * (1 - 1e-6)
+    assert 0 <= m["au"] <= m["au_max"] and len(m["au_per_segment"]) == 8
+    assert m["mi"] <= math.log(m["num_examples"]) + 1.0
+    again = _likelihood(tiny_export)
+    assert again == m                                        # seeded per example: reproducible
+    assert _likelihood(tiny_export, seed=2)["nll_iw"] != m["nll_iw"]
+
+
+def test_parallel_and_sequential_latent_paths_agree(tiny_export):
+    parallel = _likelihood(tiny_export, ["model.latent_path=parallel"])
+    sequential = _likelihood(tiny_export, ["model.latent_path=sequential"])
+    for k in ("elbo", "rec", "kl", "nll_iw", "mi"):
+        assert sequential[k] == pytest.approx(parallel[k], rel=1e-5), k
+
+
+def _rank_likelihood(export):
+    from trace_dist.distributed import init_distributed
+
+    init_distributed()
+    return _likelihood(export)
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank(tiny_export, tmp_path):
+    from dist_utils import run_ranks
+
+    one = _likelihood(tiny_export)
+    two = run_ranks(_rank_likelihood, 2, str(tiny_export), tmp_path=tmp_path, timeout=300)
+    assert two[0] == two[1]
+    for k, v in one.items():
+        if isinstance(v, float):
+            assert two[0][k] == pytest.approx(v, rel=1e-9), k
+        else:
+            assert two[0][k] == v, k
+
+
+# ------------------------------------------------------------------ generation (needs model.generation)
+def test_eval_cli_end_to_end(tiny_export, tmp_path):
+    pytest.importorskip("trace_dist.model.generation")
+    out = tmp_path / "metrics.json"
+    assert evaluate.main(["--checkpoint", str(tiny_export), "--iw-samples", "2", "--num-samples", "6",
+                          "--output", str(out), "--no-progress", "generation.max_new_tokens=12"]) == 0
+    report = json.loads(out.read_text())
+    m = report["metrics"]
+    for key in ("nll_iw", "ppl_iw", "elbo", "kl", "mi", "au", "bleu_2", "self_bleu_4", "distinct_1", "len_mean"):
+        assert key in m and math.isfinite(m[key]), key
+    assert report["world_size"] == 1 and report["num_samples"] == 6 and report["tokenization"]
+    again = tmp_path / "again.json"
+    evaluate.main(["--checkpoint", str(tiny_export), "--iw-samples", "2", "--num-samples", "6",
+                   "--output", str(again), "--no-progress", "generation.max_new_tokens=12"])
+    assert json.loads(again.read_text())["metrics"] == m
+
+
+def test_generate_cli_modes_reproducible(tiny_export, tmp_path):
+    pytest.importorskip("trace_dist.model.generation")
+    from trace_dist import generate
+
+    def run(name, *args):
+        out = tmp_path / f"{name}.jsonl"
+        assert generate.main(["--checkpoint", str(tiny_export), "--output", str(out), "--max-new-tokens", "10",
+                              *args]) == 0
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    prior = run("a", "--num", "5", "--batch-size", "2", "--seed", "3")
+    assert [r["index"] for r in prior] == list(range(5)) and all(r["mode"] == "prior" for r in prior)
+    assert run("b", "--num", "5", "--batch-size", "2", "--seed", "3") == prior
+    assert run("c", "--num", "5", "--batch-size", "2", "--seed", "4") != prior
+    text_a, text_b = "The cat watched the garden. The robot sold a green apple!", "Our teacher found an empty box."
+    rec = run("d", "--reconstruct", text_a, "--num", "2")
+    assert len(rec) == 2 and rec[0]["mode"] == "reconstruct"
+    inter = run("e", "--interpolate", text_a, text_b, "--steps", "3", "--num", "1")
+    assert [r["t"] for r in inter] == [0.0, 0.5, 1.0]
+
+
+def test_text_batch_matches_the_data_layout(tiny_export):
+    from trace_dist.checkpoint import load_for_inference
+    from trace_dist.generate import text_batch, interpolation
+
+    _, cfg, tokenizer, vocab = load_for_inference(tiny_export)
+    text = "The cat watched the garden. The robot sold a green apple! Every student cleaned the long road?"
+    b = text_batch(text, tokenizer, cfg, vocab)
+    assert int(b["num_segments"][0]) == 3
+    toks, seg = b["tokens"][0], b["seg_ids"][0]
+    assert int(toks[-1]) == vocab.eos and (toks == vocab.sep).sum() == 2
+    assert tokenizer.decode(toks[(toks != vocab.sep) & (toks != vocab.eos)].tolist()) == text
+    assert seg.tolist() == sorted(seg.tolist()) and seg.min() == 0
+    z = interpolation(torch.zeros(3, 2), torch.ones(2, 2), steps=3)
+    assert z.shape == (3, 2, 2) and torch.equal(z[1], torch.full((2, 2), 0.5))

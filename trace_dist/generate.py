@@ -1,0 +1,160 @@
+"""`trace-dist generate`: sample from the prior, continue prompts, reconstruct, interpolate.
+
+    trace-dist generate --checkpoint PATH [--num N] [--prompt TEXT | --prompts FILE]
+                        [--reconstruct TEXT] [--interpolate TEXT_A TEXT_B --steps N]
+                        [--top-p P --top-k K --temperature T] [--latent-path P] [--seed S]
+                        [--batch-size B] [--output FILE.jsonl] [dotted.key=value ...]
+
+Texts given on the command line are tokenised and segmented like the data pipeline
+(data.segment of the checkpoint's config). Reconstruction encodes with the posterior mean
+E_q[z|x] and decodes from it; interpolation decodes (1 - t) z_A + t z_B per segment position
+(Optimus-style) for t in linspace(0, 1, steps), over the first min(K_A, K_B) segments. Prior
+samples come in chunks of --batch-size seeded by (seed, chunk start), as in `trace-dist eval`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from trace_dist.evaluate import flatten_yaml, prior_chunk, seeded_generator, text_of
+
+
+def text_batch(text: str, tokenizer, cfg, vocab, prompt: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """One raw text (and prompt) -> a batch of one, segmented as `trace-dist prepare` + the loader do.
+
+    Sentence mode: pysbd sentences mapped to token offsets, sentences longer than
+    data.max_segment_tokens split; fixed mode: the loader's Layout cuts N-token chunks.
+    """
+    import numpy as np
+
+    from trace_dist.data.batch import Layout, collate
+    from trace_dist.data.segment import SentenceSplitter, split_long, token_bounds
+    from trace_dist.data.shards import Record
+
+    enc = tokenizer.encode(text)
+    if not enc.ids:
+        raise ValueError("generate: an input text is empty")
+    ids = np.asarray(enc.ids, dtype=np.int32)
+    starts = np.asarray([s for s, _ in enc.offsets], dtype=np.int64)
+    bounds = split_long(token_bounds(starts, SentenceSplitter().char_ends(text), len(ids)),
+                        cfg.data.max_segment_tokens - 1)
+    prompt_ids = None if prompt is None else np.asarray(tokenizer.encode(prompt).ids, dtype=np.int32)
+    record = Record(ids, bounds, prompt_ids, text, prompt)
+    example = Layout(cfg.data, vocab, conditional=prompt is not None).example(record)
+    return collate([example], vocab, 0)
+
+
+def posterior_mean(model, text: str, tokenizer, cfg, vocab, device) -> torch.Tensor:
+    """E_q[z_k|x] of a text: [K, d] for its K segments."""
+    if not model.has_latent:
+        raise SystemExit("generate: --reconstruct/--interpolate need a latent model (model.latent is 'none')")
+    batch = {k: v.to(device) for k, v in text_batch(text, tokenizer, cfg, vocab).items()}
+    post = model.posterior(batch)
+    return post["mean"][0, : int(batch["num_segments"][0])]
+
+
+def interpolation(z_a: torch.Tensor, z_b: torch.Tensor, steps: int) -> torch.Tensor:
+    """[steps, K, d]: (1 - t) z_a + t z_b per segment, K = min(K_a, K_b)."""
+    k = min(z_a.shape[0], z_b.shape[0])
+    t = torch.linspace(0.0, 1.0, steps, device=z_a.device, dtype=z_a.dtype)[:, None, None]
+    return (1 - t) * z_a[None, :k] + t * z_b[None, :k]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trace-dist generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, tag dir or export dir")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--prompt", help="continue this prompt (conditional models)")
+    mode.add_argument("--prompts", help="file with one prompt per line")
+    mode.add_argument("--reconstruct", metavar="TEXT", help="encode TEXT (posterior mean) and decode it")
+    mode.add_argument("--interpolate", nargs=2, metavar=("TEXT_A", "TEXT_B"), help="decode along z_A -> z_B")
+    p.add_argument("--num", type=int, default=4, help="samples (prior), or samples per prompt / latent")
+    p.add_argument("--steps", type=int, default=5, help="interpolation points, ends included")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--latent-path", choices=["sequential", "parallel", "scan"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="prior samples per generate() call")
+    p.add_argument("--output", help="write one JSON object per text (mode, index, text, ...)")
+    p.add_argument("--config", action="append", default=[], help="extra YAML merged over the checkpoint's config")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value")
+    return p
+
+
+def _overrides(args) -> list[str]:
+    out = [o for c in args.config for o in flatten_yaml(c)] + list(args.overrides)
+    for flag, key in (("top_p", "top_p"), ("top_k", "top_k"), ("temperature", "temperature"),
+                      ("max_new_tokens", "max_new_tokens")):
+        if getattr(args, flag) is not None:
+            out.append(f"generation.{key}={getattr(args, flag)}")
+    return out
+
+
+@torch.no_grad()
+def run(args) -> list[dict]:
+    from tqdm import tqdm
+
+    from trace_dist.checkpoint import load_for_inference
+
+    model, cfg, tokenizer, vocab = load_for_inference(args.checkpoint, _overrides(args))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    common = dict(gen=cfg.generation, segment=cfg.data.segment, latent_path=args.latent_path)
+    records: list[dict] = []
+    if args.prompt is not None or args.prompts:
+        if not cfg.model.conditional:
+            raise SystemExit("generate: --prompt/--prompts need a conditional model (model.conditional is false)")
+        prompts = [args.prompt] if args.prompt is not None else \
+            [line.rstrip("\n") for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        for i, prompt in enumerate(tqdm(prompts, desc="prompts")):
+            ids = tokenizer.encode(prompt).ids + [vocab.sep]       # a prompt ends with sep (the batch layout)
+            out = model.generate(num=args.num, prompts=[ids] * args.num,
+                                 generator=seeded_generator(device, args.seed, "prompt", i), **common)
+            records += [{"mode": "prompt", "index": i, "prompt": prompt, "text": text_of(tokenizer, o)} for o in out]
+    elif args.reconstruct is not None or args.interpolate:
+        texts = [args.reconstruct] if args.reconstruct is not None else list(args.interpolate)
+        zs = [posterior_mean(model, t, tokenizer, cfg, vocab, device) for t in texts]
+        z = zs[0][None] if len(zs) == 1 else interpolation(zs[0], zs[1], args.steps)      # [M, K, d]
+        mode = "reconstruct" if len(zs) == 1 else "interpolate"
+        for j in tqdm(range(z.shape[0]), desc=mode):
+            out = model.generate(num=args.num, z=z[j:j + 1].expand(args.num, -1, -1),
+                                 generator=seeded_generator(device, args.seed, mode, j), **common)
+            t = j / max(z.shape[0] - 1, 1)
+            records += [{"mode": mode, "index": j, **({"t": t} if mode == "interpolate" else {"source": texts[0]}),
+                         "text": text_of(tokenizer, o)} for o in out]
+    else:
+        for start in tqdm(range(0, args.num, args.batch_size), desc="prior"):
+            out = prior_chunk(model, start, min(args.batch_size, args.num - start), args.seed, device=device, **common)
+            records += [{"mode": "prior", "index": start + j, "text": text_of(tokenizer, o)} for j, o in enumerate(out)]
+    return records
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    for name, low in (("num", 1), ("steps", 2), ("batch_size", 1)):
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}")
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        parser.error(f"unrecognised arguments {bad} (overrides are dotted.key=value)")
+    records = run(args)
+    for r in records:
+        print(f"[{r['mode']} {r['index']}] {r['text']}")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text("".join(json.dumps(r) + "\n" for r in records))
+        print(f"wrote {len(records)} texts to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
