@@ -1,0 +1,11 @@
+"""`trace-dist tune`: Ray Tune searches, each trial a multi-worker DeepSpeed run (see docs/tune.md).
+
+spec.py     the search config: typed, validated against TraceConfig before Ray starts
+trial.py    inside Ray: the per-trial driver (a TorchTrainer) and the per-rank worker
+results.py  results table, best.yaml, TensorBoard hparams, Pareto plot
+cli.py      the command: validate, start/join Ray, Tuner.fit or Tuner.restore, write outputs
+"""
+
+from trace_dist.tune.cli import main
+
+__all__ = ["main"]

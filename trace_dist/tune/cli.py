@@ -1,0 +1,164 @@
+"""`trace-dist tune --config configs/tune/X.yaml [--output DIR] [--address auto|HOST:PORT] [--resume]`.
+
+Validate everything (exit 2 on a bad search, before Ray starts) -> start or join Ray -> Tuner.fit
+(or Tuner.restore(...).fit with --resume) -> results table, best.yaml, hparams, pareto.png.
+
+DIR layout:
+    search.yaml            the validated search config, as run
+    trials/<trial id>/     each trial's run directory: checkpoints/, tensorboard/, metrics.jsonl, ...
+    ray/<name>/            Tune's experiment state; ray/train-<trial id>/ each trial's Ray Train run
+    results.csv, results.json, best.yaml, pareto.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from trace_dist.config import ConfigError, TraceConfig, _resolve
+from trace_dist.tune.results import (best_row, collect, format_table, mark_pareto, plot_pareto, write_hparams,
+                                     write_results)
+from trace_dist.tune.spec import SearchConfig, apply, load_search, num_samples, param_space
+from trace_dist.tune.trial import Plan, run_trial
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trace-dist tune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="search config (configs/tune/*.yaml)")
+    p.add_argument("--output", help="output directory (default: the config's `output`, else runs/tune/<name>)")
+    p.add_argument("--address", help="join a running Ray cluster ('auto' or HOST:PORT); "
+                                     "default: start a local Ray instance")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted search in the output directory")
+    return p
+
+
+def absolute_paths(cfg: TraceConfig) -> TraceConfig:
+    """Ray workers run in other directories (and on other nodes): pin every path of the base."""
+    updates = {"data.path": str(Path(cfg.data.path).resolve()),
+               "deepspeed_config": str(_resolve(cfg.deepspeed_config).resolve())}
+    if cfg.model.init_from:
+        updates["model.init_from"] = str(Path(cfg.model.init_from).resolve())
+    return apply(cfg, updates)
+
+
+def storage_for(spec: SearchConfig, out: Path) -> str:
+    if spec.storage_path is None:
+        return str(out / "ray")
+    return spec.storage_path if "://" in spec.storage_path else str(Path(spec.storage_path).resolve())
+
+
+def prepare(args: argparse.Namespace) -> tuple[SearchConfig, Plan, Path]:
+    """Everything that can fail on bad input, without Ray. Raises ConfigError."""
+    spec, base = load_search(args.config)
+    base = absolute_paths(base)
+    if not Path(base.data.path).is_dir() and "data.path" not in spec.space:
+        raise ConfigError(f"base: data.path {base.data.path} does not exist "
+                          "(create it with `trace-dist prepare --input ... --output DIR`)")
+    out = Path(args.output or spec.output or f"runs/tune/{spec.name}").resolve()
+    storage = storage_for(spec, out)
+    state = f"{storage}/{spec.name}"
+    if args.resume and not (out / "search.yaml").exists():
+        raise ConfigError(f"--resume: no search to resume in {out} (search.yaml is missing)")
+    if not args.resume and (out / "search.yaml").exists():
+        raise ConfigError(f"{out} already holds a search ({state}); pass --resume to continue it "
+                          "or choose another --output")
+    plan = Plan(base=base, trials_dir=str(out / "trials"), storage_path=storage, objective=spec.objective,
+                workers=spec.workers, resources_per_worker=spec.resources_per_worker, use_gpu=spec.use_gpu,
+                max_failures=spec.max_failures, fault_injection=spec.fault_injection)
+    return spec, plan, out
+
+
+def start_ray(spec: SearchConfig, address: str | None) -> None:
+    """Join a cluster, or start a local one with at least the CPUs one trial needs."""
+    import ray
+
+    cpus = spec.resources_per_worker.get("CPU", 1.0)
+    env = {"DS_ACCELERATOR": "cuda" if spec.use_gpu else "cpu",
+           "OMP_NUM_THREADS": str(max(1, int(cpus))), "TOKENIZERS_PARALLELISM": "false", **spec.env}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env})
+        return
+    # Logical CPUs may exceed physical ones: a 2-core laptop still runs a 2-worker trial.
+    need = int(-(-spec.workers * cpus // 1))
+    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, runtime_env={"env_vars": env})
+
+
+def trial_name(trial) -> str:
+    return trial.trial_id
+
+
+def build_tuner(spec: SearchConfig, plan: Plan, resume: bool):
+    from ray import tune
+
+    # The driver only waits on its TorchTrainer: no CPU of its own, so workers get all of them.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": 0})
+    path = f"{plan.storage_path}/{spec.name}"
+    if resume:
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    if spec.search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=spec.search.seed)
+    else:
+        from ray.tune.search import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(random_state=spec.search.seed)
+    scheduler = None
+    if spec.scheduler.type == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        s = spec.scheduler
+        scheduler = ASHAScheduler(time_attr="step", max_t=s.max_t or plan.base.train.max_steps,
+                                  grace_period=s.grace_period or plan.base.train.eval_interval,
+                                  reduction_factor=s.reduction_factor)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(spec),
+        tune_config=tune.TuneConfig(metric="objective", mode=spec.objective.mode, num_samples=num_samples(spec),
+                                    max_concurrent_trials=spec.max_concurrency, search_alg=search_alg,
+                                    scheduler=scheduler, trial_name_creator=trial_name,
+                                    trial_dirname_creator=trial_name),
+        run_config=tune.RunConfig(name=spec.name, storage_path=plan.storage_path),
+    )
+
+
+def report(spec: SearchConfig, plan: Plan, out: Path, result_grid) -> int:
+    rows = collect(result_grid, plan)
+    mark_pareto(rows, spec.plot)
+    best = best_row(rows, spec.objective.mode)
+    summary = {"name": spec.name, "objective": spec.objective.model_dump(),
+               "best_trial": best["trial"] if best else None}
+    write_results(rows, out, summary)
+    write_hparams(rows, Path(plan.trials_dir))
+    plot_pareto(rows, spec.plot, out / "pareto.png")
+    print("\n" + format_table(rows))
+    if best is None:
+        print(f"\ntrace-dist tune: no trial reported the objective; see {out / 'results.json'}", file=sys.stderr)
+        return 1
+    best_cfg = apply(plan.base, {**best["params"], "train.output_dir": str(out / "best"), "checkpoint.resume": "auto"})
+    (out / "best.yaml").write_text(best_cfg.to_yaml())
+    print(f"\nbest trial {best['trial']}: objective {best['objective']:.6g} with {best['params']}\n"
+          f"  train it: trace-dist train --config {out / 'best.yaml'}\n"
+          f"  compare:  tensorboard --logdir {plan.trials_dir}\n"
+          f"  files:    {out}/results.csv results.json best.yaml pareto.png")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        spec, plan, out = prepare(args)
+    except ConfigError as e:
+        print(f"trace-dist tune: {e}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        (out / "search.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True),
+                                                        sort_keys=False))
+    start_ray(spec, args.address)
+    tuner = build_tuner(spec, plan, args.resume)
+    return report(spec, plan, out, tuner.fit())
