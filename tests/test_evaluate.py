@@ -22,7 +22,7 @@ def tiny_export(tiny_data, tmp_path_factory):
     from trace_dist.model import TRACE
 
     out = tmp_path_factory.mktemp("export")
-    cfg = load_config([TINY], [f"data.path={tiny_data}", f"train.output_dir={out}", "tensorboard=false"])
+    cfg = load_config([TINY], [f"data.path={tiny_data}", f"train.output_dir={out}"])
     tokenizer, vocab = load_tokenizer(tiny_data)
     torch.manual_seed(0)
     save_model(TRACE(cfg.model, vocab), str(out / "model.safetensors"))
@@ -59,42 +59,50 @@ def test_parallel_and_sequential_latent_paths_agree(tiny_export):
         assert sequential[k] == pytest.approx(parallel[k], rel=1e-5), k
 
 
-def _rank_likelihood(export):
-    from trace_dist.distributed import init_distributed
+def _eval_cli(export, out, *extra):
+    return evaluate.main(["--checkpoint", str(export), "--iw-samples", "2", "--num-samples", "6", "--output", str(out),
+                          "--no-progress", "generation.max_new_tokens=12", *extra])
 
-    init_distributed()
-    return _likelihood(export)
+
+@pytest.fixture
+def single_process_env(monkeypatch):
+    """Rendezvous variables for the in-process group, restored afterwards (no leak into other tests)."""
+    from trace_dist.distributed import free_port
+
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_rank(tiny_export, tmp_path):
+def test_two_ranks_equal_one_rank(tiny_export, tmp_path, single_process_env):
+    pytest.importorskip("trace_dist.model.generation")
     from dist_utils import run_ranks
 
-    one = _likelihood(tiny_export)
-    two = run_ranks(_rank_likelihood, 2, str(tiny_export), tmp_path=tmp_path, timeout=300)
-    assert two[0] == two[1]
-    for k, v in one.items():
-        if isinstance(v, float):
-            assert two[0][k] == pytest.approx(v, rel=1e-9), k
-        else:
-            assert two[0][k] == v, k
+    assert _eval_cli(tiny_export, tmp_path / "one.json") == 0
+    assert run_ranks(_eval_cli, 2, str(tiny_export), str(tmp_path / "two.json"), tmp_path=tmp_path,
+                     timeout=300) == [0, 0]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert two["samples"] == one["samples"]
+    for k, v in one["metrics"].items():             # only the float64 summation order differs
+        assert two["metrics"][k] == (pytest.approx(v, rel=1e-9) if isinstance(v, float) else v), k
 
 
 # ------------------------------------------------------------------ generation (needs model.generation)
-def test_eval_cli_end_to_end(tiny_export, tmp_path):
+def test_eval_cli_end_to_end(tiny_export, tmp_path, single_process_env):
     pytest.importorskip("trace_dist.model.generation")
     out = tmp_path / "metrics.json"
-    assert evaluate.main(["--checkpoint", str(tiny_export), "--iw-samples", "2", "--num-samples", "6",
-                          "--output", str(out), "--no-progress", "generation.max_new_tokens=12"]) == 0
+    assert _eval_cli(tiny_export, out) == 0
     report = json.loads(out.read_text())
     m = report["metrics"]
     for key in ("nll_iw", "ppl_iw", "elbo", "kl", "mi", "au", "bleu_2", "self_bleu_4", "distinct_1", "len_mean"):
         assert key in m and math.isfinite(m[key]), key
     assert report["world_size"] == 1 and report["num_samples"] == 6 and report["tokenization"]
-    again = tmp_path / "again.json"
-    evaluate.main(["--checkpoint", str(tiny_export), "--iw-samples", "2", "--num-samples", "6",
-                   "--output", str(again), "--no-progress", "generation.max_new_tokens=12"])
-    assert json.loads(again.read_text())["metrics"] == m
+    assert len(report["data_manifest_sha256"]) == 64
+    assert list((tiny_export / "tensorboard" / "eval").glob("events.out.tfevents.*"))
+    assert _eval_cli(tiny_export, tmp_path / "again.json") == 0
+    assert json.loads((tmp_path / "again.json").read_text())["metrics"] == m
 
 
 def test_generate_cli_modes_reproducible(tiny_export, tmp_path):
