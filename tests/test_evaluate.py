@@ -140,3 +140,40 @@ def test_text_batch_matches_the_data_layout(tiny_export):
     assert seg.tolist() == sorted(seg.tolist()) and seg.min() == 0
     z = interpolation(torch.zeros(3, 2), torch.ones(2, 2), steps=3)
     assert z.shape == (3, 2, 2) and torch.equal(z[1], torch.full((2, 2), 0.5))
+
+
+def test_conditional_eval_and_prompt_generation(tmp_path, single_process_env):
+    """Prompt -> story data: eval continues each test prompt (BLEU against its own reference)."""
+    pytest.importorskip("trace_dist.model.generation")
+    from safetensors.torch import save_model
+
+    from conftest import tiny_corpus
+    from trace_dist import generate
+    from trace_dist.config import load_config
+    from trace_dist.data import load_tokenizer
+    from trace_dist.data.prepare import main as prepare
+    from trace_dist.model import TRACE
+
+    rows = [{"prompt": doc.split(".")[0], "target": doc} for doc in tiny_corpus(120, seed=1)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tmp_path / "data"
+    assert prepare(["--input", str(tmp_path / "pairs.jsonl"), "--output", str(data), "--conditional",
+                    "--vocab-size", "400", "--valid-fraction", "0.1", "--test-fraction", "0.1"]) == 0
+    cfg = load_config([TINY], [f"data.path={data}", "model.conditional=true"])
+    tokenizer, vocab = load_tokenizer(data)
+    export = tmp_path / "export"
+    export.mkdir()
+    torch.manual_seed(0)
+    save_model(TRACE(cfg.model, vocab), str(export / "model.safetensors"))
+    (export / "config.yaml").write_text(cfg.to_yaml())
+    tokenizer.save(str(export / "tokenizer.json"))
+
+    assert _eval_cli(export, tmp_path / "m.json") == 0
+    report = json.loads((tmp_path / "m.json").read_text())
+    n_test = report["metrics"]["num_examples"]
+    assert report["num_samples"] == min(6, n_test) and 0 <= report["metrics"]["bleu_2"] <= 1
+    out = tmp_path / "p.jsonl"
+    assert generate.main(["--checkpoint", str(export), "--prompt", "The cat watched", "--num", "2",
+                          "--max-new-tokens", "8", "--output", str(out)]) == 0
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in got] == ["The cat watched"] * 2
