@@ -94,7 +94,8 @@ def validate(args: argparse.Namespace) -> Settings:
     except ValueError as e:
         raise PrepareError(f"--segment: {e}")
     match = re.fullmatch(r"(\d+)/(\d+)", args.partition)
-    need(bool(match) and int(match[1]) < int(match[2]), f"--partition must be i/n with 0 <= i < n, got {args.partition!r}")
+    need(bool(match) and int(match[1]) < int(match[2]),
+         f"--partition must be i/n with 0 <= i < n, got {args.partition!r}")
     need(args.vocab_size >= 300, f"--vocab-size must be >= 300 (256 bytes + specials + merges), got {args.vocab_size}")
     for name in ("valid_fraction", "test_fraction"):
         need(0.0 <= getattr(args, name) < 1.0, f"--{name.replace('_', '-')} must be in [0, 1)")
@@ -338,7 +339,8 @@ def run(s: Settings, out: Path, workers: int, overwrite: bool, log=print) -> dic
     for message in problems.messages:
         log(f"skipped {message}")
     if problems.total():
-        log(f"skipped {problems.total()} input items: " + ", ".join(f"{r}: {c}" for r, c in problems.counts.most_common()))
+        reasons = ", ".join(f"{r}: {c}" for r, c in problems.counts.most_common())
+        log(f"skipped {problems.total()} input items: {reasons}")
     if usable == 0:
         raise PrepareError(f"no usable documents in {', '.join(s.inputs)} ({problems.total()} items skipped)")
 

@@ -128,27 +128,25 @@ def _lines(path: str, problems: Problems) -> Iterator[tuple[int, Optional[str]]]
         problems.add(f"unreadable ({e})", path)
 
 
-def _read_txt(path: str, conditional: bool, problems: Problems) -> Iterator[Document]:
+def _nonblank_lines(path: str, problems: Problems) -> Iterator[tuple[str, str]]:
+    """("file:line", text) of the decodable, non-blank lines; blank ones are counted."""
     for n, line in _lines(path, problems):
-        if line is None:
-            continue
-        where = f"{path}:{n}"
-        if not line.strip():
-            problems.add("blank line", where)
-        elif conditional:
+        if line is not None and not line.strip():
+            problems.add("blank line", f"{path}:{n}")
+        elif line is not None:
+            yield f"{path}:{n}", line
+
+
+def _read_txt(path: str, conditional: bool, problems: Problems) -> Iterator[Document]:
+    for where, line in _nonblank_lines(path, problems):
+        if conditional:
             problems.add("no prompt (.txt input with --conditional)", where)
         else:
             yield Document(line.strip(), None, where)
 
 
 def _read_jsonl(path: str, conditional: bool, problems: Problems) -> Iterator[Document]:
-    for n, line in _lines(path, problems):
-        if line is None:
-            continue
-        where = f"{path}:{n}"
-        if not line.strip():
-            problems.add("blank line", where)
-            continue
+    for where, line in _nonblank_lines(path, problems):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:

@@ -27,7 +27,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -130,7 +130,10 @@ class TrainChunks(IterableDataset):
         self.layout = Layout(cfg, vocab, conditional)
         self.vocab, self.micro_batch_size, self.rank, self.seed = vocab, micro_batch_size, rank, seed
         self.start_step = start_step
-        self.chunk_batches = max(1, math.ceil(cfg.shuffle_buffer / micro_batch_size))
+        # A chunk mixes at least shuffle_buffer samples and two shards' worth, so that the shards
+        # drawn for it are used up (reading a shard costs more than batching its samples).
+        samples = max(cfg.shuffle_buffer, 2 * sum(self.reader.counts) / len(self.reader.counts))
+        self.chunk_batches = max(1, math.ceil(samples / micro_batch_size))
 
     def chunk_seed(self, chunk: int) -> int:
         return int(np.random.SeedSequence([self.seed, self.rank, chunk]).generate_state(1)[0])
