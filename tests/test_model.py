@@ -205,7 +205,7 @@ def test_kl_floor_holds_per_example_and_segment_even_for_adversarial_features(pr
     feats = {"random": base, "huge": base * 1e8, "tiny": base * 1e-12, "zero": torch.zeros_like(base),
              "constant": torch.full_like(base, 3.0), "nearly_constant": 1.0 + 1e-7 * base}
     with torch.no_grad():
-        lat.f_mu.bias.zero_()                                # f(0) = 0: the LN input is exactly constant
+        lat.heads.bias.zero_()                               # f(0) = 0: the LN input is exactly constant
     mask = torch.ones(4, 5, dtype=torch.bool)
     for name, h in feats.items():
         s = lat(h, mask)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from test_model_helpers import VOCAB, make_batch, random_batch, random_segments, tiny_config
-from trace_dist.config import GenerationConfig
+from trace_dist.model.config import GenerationConfig
 from trace_dist.model import TRACE
 from trace_dist.model.generation import filter_logits, next_token
 
@@ -122,7 +122,7 @@ def test_every_switch_builds_trains_and_generates(overrides):
     trained = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert "decoder.h.0.mlp.c_fc.weight" in trained
     if model.has_latent:
-        assert "latent.f_mu.weight" in trained
+        assert "latent.heads.weight" in trained
     assert (out.kl_sum == 0) == (overrides.get("latent") == "none")
     prompts = [[5, 6, VOCAB.sep], [7, VOCAB.sep]] if cond else None
     texts = model.generate(num=2, prompts=prompts, gen=GenerationConfig(max_new_tokens=8),

@@ -51,3 +51,16 @@ class ModelConfig(BaseModel):
             raise ValueError("latent_path 'parallel' needs an idempotent W: use idempotent projector/oblique/penalty, "
                              "or latent_path 'scan' for a free W")
         return self
+
+
+class GenerationConfig(BaseModel):
+    """Decoding settings (shared by training samples, `trace-dist eval` and `trace-dist generate`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int = Field(0, ge=0, description="0 disables")
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, ge=1.0)
+    greedy: bool = False

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from trace_dist.config import GenerationConfig
+from trace_dist.model.config import GenerationConfig
 from trace_dist.data.config import parse_segment
 from trace_dist.model.blocks import LayerCache
 

@@ -14,8 +14,7 @@ cast up, because the prefix sums accumulate error over K.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -24,17 +23,20 @@ import torch.nn.functional as F
 from trace_dist.model.config import ModelConfig
 
 LN_EPS = 1e-12        # relative to the largest centred entry squared, see layer_norm_fixed
-LOGVAR_BOUND = 10.0   # |log sigma^2| <= 10 (soft), so adversarial features cannot overflow exp()
+LOGVAR_BOUND = 10.0   # |log sigma^2| <= 10, so adversarial features cannot overflow exp()
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)` in x's dtype even when the layer's parameters are bf16."""
-    bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    return F.linear(x, layer.weight.to(x.dtype), bias)
+class Linear(nn.Linear):
+    """nn.Linear computed in the input's dtype even when its parameters are bf16 (fp32 latent maths).
+    Parameters are only read inside `forward`, so ZeRO-3 gathers them (forward and backward)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
 
 
 # ---------------------------------------------------------------------------- transition W
@@ -62,7 +64,8 @@ class Transition(nn.Module):
         else:
             raise ValueError(f"model.idempotent must be projector, oblique, penalty or free, got {kind!r}")
 
-    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+    def forward(self, dtype: torch.dtype) -> torch.Tensor:
+        """W in `dtype` (a forward, so that ZeRO-3 gathers A, B or W for it)."""
         if self.kind == "projector":
             q = torch.linalg.qr(self.A.to(dtype)).Q                      # [d, r]
             return q @ q.T
@@ -103,17 +106,18 @@ def latent_path(u: torch.Tensor, w: torch.Tensor, z_init: Optional[torch.Tensor]
 
 
 def _affine_scan(u: torch.Tensor, w: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
-    """Inclusive prefix composition of F_k(z) = W z + u_k, then z_k = (F_k o ... o F_0)(z_0).
-    ceil(log2 K) levels; level s composes element k with element k - s: (A, b)_k <- (A_k A_{k-s},
-    A_k b_{k-s} + b_k). A_k [K, d, d] is batch-independent (W is shared), b [B, K, d]."""
-    B, K, d = u.shape
-    A, b = w.expand(K, d, d), u
-    s = 1
+    """Hillis-Steele inclusive scan of the affine maps F_k(z) = W z + u_k, z_k = (F_k o ... o F_0)(z_0).
+    z_0 is folded into the first offset (F_0(z_0) = F_0'(0) with u_0' = u_0 + W z_0). Composing
+    element k with element k - s at level s gives (A, b)_k <- (A_k A_{k-s}, A_k b_{k-s} + b_k), and
+    with a shared W every A_k (k >= s) at the start of level s is W^s: each of the ceil(log2 K)
+    levels is one [B, K - s, d] x [d, d] matmul plus one squaring W^s -> W^{2s}."""
+    K = u.shape[1]
+    b = torch.cat([u[:, :1] + (z0 @ w.T)[:, None], u[:, 1:]], dim=1)
+    power, s = w, 1                                                       # power = W^s
     while s < K:
-        b = torch.cat([b[:, :s], b[:, s:] + torch.einsum("kij,bkj->bki", A[s:], b[:, :-s])], dim=1)
-        A = torch.cat([A[:s], A[s:] @ A[:-s]], dim=0)
-        s *= 2
-    return b + torch.einsum("kij,bj->bki", A, z0)
+        b = torch.cat([b[:, :s], b[:, s:] + b[:, :-s] @ power.T], dim=1)
+        power, s = power @ power, 2 * s
+    return b
 
 
 # ---------------------------------------------------------------------------- Gaussians
@@ -130,23 +134,22 @@ def log_density_ratio(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor)
 # ---------------------------------------------------------------------------- posterior norm
 def layer_norm_fixed(x: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """gamma * LN(x) over the last dim, no learnable affine, so ||out||^2 = d gamma^2 per example.
+    Returns (out, the pre-LN variance v, detached).
 
-    The eps is relative (eps * max|x - mean|^2; LN is scale invariant, so this is LN with an eps
-    that never dominates, whatever the scale of x: the floor factor v/(v + eps') >= 1/(1 + d*1e-12)).
-    An exactly constant x (v = 0) has no direction; it maps to a fixed zero-mean unit-variance
-    pattern (+1, -1, ...) so the floor still holds. Returns (out, pre-LN variance v)."""
-    centred = x - x.mean(-1, keepdim=True)
-    var = centred.square().mean(-1, keepdim=True)
-    peak = centred.abs().amax(-1, keepdim=True)
-    degenerate = var <= 0
-    xhat = centred * torch.rsqrt(torch.where(degenerate, 1.0, var + LN_EPS * peak.square()))
+    The eps is relative: x is first divided by the (constant, detached) peak s = max|x - mean(x)|, and
+    LN(x / s) = (x - mean) / sqrt(v + eps s^2) is plain LN with an eps that never dominates whatever
+    the scale of x (v >= s^2 / d, so the floor factor v / (v + eps s^2) >= 1 / (1 + d eps)). An exactly
+    constant x has no direction; it maps to a fixed zero-mean unit-variance pattern (+1, -1, ...) so
+    the floor still holds."""
     d = x.shape[-1]
-    pattern = torch.where(torch.arange(d, device=x.device) % 2 == 0, 1.0, -1.0).to(x.dtype)
-    if d % 2:  # odd d: centre the pattern and rescale it to unit variance
-        pattern = pattern - pattern.mean()
-        pattern = pattern / pattern.square().mean().sqrt()
-    xhat = torch.where(degenerate, pattern, xhat)
-    return gamma * xhat, var.squeeze(-1)
+    with torch.no_grad():
+        centred = x - x.mean(-1, keepdim=True)
+        var = centred.square().mean(-1)
+        peak = centred.abs().amax(-1, keepdim=True)
+        pattern = torch.where(torch.arange(d, device=x.device) % 2 == 0, 1.0, -1.0).to(x.dtype)
+        pattern = (pattern - pattern.mean()) / (pattern - pattern.mean()).square().mean().sqrt()  # odd d
+    xhat = F.layer_norm(x / peak.clamp_min(torch.finfo(x.dtype).tiny), (d,), eps=LN_EPS)
+    return gamma * torch.where(peak == 0, pattern, xhat), var
 
 
 class MaskedBatchNorm(nn.Module):
@@ -174,14 +177,13 @@ class MaskedBatchNorm(nn.Module):
 
 
 # ---------------------------------------------------------------------------- the module
-@dataclass
-class LatentSample:
+class LatentSample(NamedTuple):  # a NamedTuple, not a dataclass: ZeRO-3 hooks must see its tensors
     z: torch.Tensor             # [B, K, d] latents fed to the decoder
     innov_mean: torch.Tensor    # [B, K, d] mu_k (posterior mean minus prior mean)
     innov_logvar: torch.Tensor  # [B, K, d]
     eps: torch.Tensor           # [B, K, d] the standard-normal noise used
     kl: torch.Tensor            # [B, K, d] per-dimension KL, 0 on invalid segments
-    aux: dict = field(default_factory=dict)
+    aux: dict                   # scalar tensors for logging
 
 
 class Latent(nn.Module):
@@ -191,12 +193,11 @@ class Latent(nn.Module):
         super().__init__()
         C, d = cfg.n_embd, cfg.latent_size
         self.cfg = cfg
-        self.f_mu = nn.Linear(C, d)
-        self.f_logvar = nn.Linear(C, d)
+        self.heads = Linear(C, 2 * d)  # [f(h_k), raw log sigma_k^2], fused into one matmul
         self.transition = Transition(d, cfg.idempotent, cfg.idempotent_rank) if cfg.prior == "recurrent" else None
         self.batch_norm = MaskedBatchNorm(d, cfg.ln_gamma) if cfg.posterior_norm == "batchnorm" else None
-        self.prompt_init = nn.Linear(C, d) if cfg.conditional else None      # g: z_init = g(pooled prompt)
-        self.context = nn.Linear(C, d) if cfg.prior == "context" else None   # P: m_k = P h_{k-1}
+        self.prompt_init = Linear(C, d) if cfg.conditional else None      # g: z_init = g(pooled prompt)
+        self.context = Linear(C, d) if cfg.prior == "context" else None   # P: m_k = P h_{k-1}
 
     @property
     def kl_floor(self) -> float:
@@ -207,14 +208,14 @@ class Latent(nn.Module):
         """z_init [B, d] (the prior mean of segment 0 under 'context'): g(prompt), or None for 0."""
         if self.prompt_init is None or h_prompt is None:
             return None
-        return linear(self.prompt_init, h_prompt.to(compute_dtype(h_prompt)))
+        return self.prompt_init(h_prompt.to(compute_dtype(h_prompt)))
 
     def context_mean(self, h_prev: torch.Tensor) -> torch.Tensor:
         """CGD prior mean from the previous segment's features: [..., C] -> [..., d]."""
-        return linear(self.context, h_prev.to(compute_dtype(h_prev)))
+        return self.context(h_prev.to(compute_dtype(h_prev)))
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.transition.weight(dtype)
+        return self.transition(dtype)
 
     def forward(self, h: torch.Tensor, seg_mask: torch.Tensor, h_prompt: Optional[torch.Tensor] = None,
                 eps: Optional[torch.Tensor] = None, path: Optional[str] = None) -> LatentSample:
@@ -222,27 +223,25 @@ class Latent(nn.Module):
         dt = compute_dtype(h)
         with torch.autocast(device_type=h.device.type, enabled=False):
             h = h.to(dt)
-            pre = linear(self.f_mu, h)                                         # f(h_k) [B, K, d]
+            pre, raw = self.heads(h).chunk(2, dim=-1)                  # f(h_k) [B, K, d] each
             mu, aux = self._normalise(pre, seg_mask)
-            raw = linear(self.f_logvar, h)
-            logvar = LOGVAR_BOUND * torch.tanh(raw / LOGVAR_BOUND)             # sigma_k from h_k only
-            valid = seg_mask[..., None]
-            mu = torch.where(valid, mu, 0.0)
-            logvar = torch.where(valid, logvar, 0.0)
+            logvar = raw.clamp(-LOGVAR_BOUND, LOGVAR_BOUND)                    # sigma_k from h_k only
             if eps is None:
                 eps = torch.randn_like(mu)
             u = mu + torch.exp(0.5 * logvar) * eps                             # innovation [B, K, d]
             z = self._prior_path(u, h, h_prompt, path or self.cfg.latent_path, aux)
-            kl = torch.where(valid, gaussian_kl(mu, logvar), 0.0)
+            # Invalid segments (k >= num_segments) carry finite junk that nothing reads: the path is
+            # causal in k and no valid token reads their latent; only their KL needs masking.
+            kl = torch.where(seg_mask[..., None], gaussian_kl(mu, logvar), 0.0)
         return LatentSample(z=z, innov_mean=mu, innov_logvar=logvar, eps=eps, kl=kl, aux=aux)
 
     def _normalise(self, pre: torch.Tensor, seg_mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
         norm = self.cfg.posterior_norm
         if norm == "layernorm":
             mu, var = layer_norm_fixed(pre, self.cfg.ln_gamma)
-            n = seg_mask.sum().clamp_min(1)
-            aux = {"ln_var": (var * seg_mask).sum().detach() / n,
-                   "ln_var_min": torch.where(seg_mask, var, torch.inf).amin().detach()}
+            with torch.no_grad():  # the pre-LN variance: logged, since a collapsing f(h) is a warning sign
+                aux = {"ln_var": (var * seg_mask).sum() / seg_mask.sum().clamp_min(1),
+                       "ln_var_min": torch.where(seg_mask, var, torch.inf).amin()}
             return mu, aux
         if norm == "batchnorm":
             return self.batch_norm(pre, seg_mask), {}
@@ -261,9 +260,9 @@ class Latent(nn.Module):
             return u + torch.cat([m0, m_rest], dim=1)
         w = self.weight(u.dtype)
         z, _ = latent_path(u, w, z_init, path)
-        aux["idempotency_gap"] = idempotency_gap(w).detach()
-        if self.cfg.idempotent == "penalty" and path != "sequential":
-            with torch.no_grad():
+        with torch.no_grad():
+            aux["idempotency_gap"] = idempotency_gap(w)
+            if self.cfg.idempotent == "penalty" and path != "sequential":
                 aux["latent_path_gap"] = (z - latent_path(u, w, z_init, "sequential")[0]).abs().amax()
         return z
 

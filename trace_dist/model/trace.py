@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trace_dist.config import GenerationConfig
+from trace_dist.model.config import GenerationConfig
 from trace_dist.model.blocks import LayerCache, Stack, init_weights
 from trace_dist.model.config import ModelConfig
 from trace_dist.model.latent import Latent, LatentSample, log_density_ratio
@@ -112,6 +112,14 @@ class Injection(nn.Module):
         return self.embedding(z_tok) * (seg_ids >= 0)[..., None].to(z_tok.dtype)
 
 
+class TiedEmbedding(nn.Embedding):
+    """Token embedding that is also the LM head (GPT-2 ties them). The head is a call of this module
+    (`unembed=True`), so the shared weight is only read inside its forward: ZeRO-3 gathers it."""
+
+    def forward(self, x: torch.Tensor, unembed: bool = False) -> torch.Tensor:
+        return F.linear(x, self.weight) if unembed else super().forward(x)
+
+
 # ---------------------------------------------------------------------------- the model
 class TRACE(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab: Vocab) -> None:
@@ -120,7 +128,7 @@ class TRACE(nn.Module):
         self.vocab_size = cfg.vocab_size or vocab.size
         _check_config(cfg, vocab, self.vocab_size)
         C = cfg.n_embd
-        self.wte = nn.Embedding(self.vocab_size, C)
+        self.wte = TiedEmbedding(self.vocab_size, C)
         self.wpe = nn.Embedding(cfg.block_size, C)
         self.drop = nn.Dropout(cfg.dropout)
         self.decoder = Stack(cfg)
@@ -192,7 +200,7 @@ class TRACE(nn.Module):
         x = self.wte(inp) + self.wpe(pos)
         memory = None
         if z is not None:
-            z = z.to(self.wte.weight.dtype)
+            z = z.to(x.dtype)
             emb = self.injection.token_embedding(z, seg_ids)
             x = x if emb is None else x + emb
             memory = self.injection.slots(z)
@@ -201,24 +209,27 @@ class TRACE(nn.Module):
             key_valid = torch.ones(inp.shape[0], past + inp.shape[1], dtype=torch.bool, device=inp.device)
         mask = decoder_mask(seg_ids, key_valid, 0 if memory is None else memory.shape[1])
         x = self.decoder(self.drop(x), mask, memory, caches)
-        return F.linear(x, self.wte.weight)                                    # tied LM head
+        return self.wte(x, unembed=True)                                       # tied LM head
+
+    def reconstruction(self, batch: dict, seg_ids: torch.Tensor, z: Optional[torch.Tensor]) -> torch.Tensor:
+        """Teacher-forced -log p(x|z) per example, summed over predicted tokens: [B]."""
+        tokens = batch["tokens"]
+        B, T = tokens.shape
+        logits = self.decode(self.decoder_input(tokens), torch.arange(T, device=tokens.device), seg_ids, z)
+        ce = F.cross_entropy(logits.float().reshape(B * T, -1), tokens.reshape(-1), reduction="none")
+        return (ce.view(B, T) * _loss_mask(batch)).sum(1)
 
     # ------------------------------------------------------------ training forward
     def forward(self, batch: dict, beta: float = 1.0, free_bits: float = 0.0) -> TraceOutput:
         self.check_batch(batch)
-        tokens = batch["tokens"]
-        B, T = tokens.shape
-        loss_mask = batch["loss_mask"] & batch["example_mask"][:, None]
+        B = batch["tokens"].shape[0]
         seg_ids, seg_mask = self._segments(batch)
         sample = None
         if self.has_latent:
             h, h_prompt, seg_mask = self.features(batch)
             sample = self.latent(h, seg_mask, h_prompt)
-        logits = self.decode(self.decoder_input(tokens), torch.arange(T, device=tokens.device), seg_ids,
-                             None if sample is None else sample.z)
-        ce = F.cross_entropy(logits.float().reshape(B * T, -1), tokens.reshape(-1), reduction="none")
-        rec_sum = (ce.view(B, T) * loss_mask).sum()
-        num_tokens = loss_mask.sum()
+        rec_sum = self.reconstruction(batch, seg_ids, None if sample is None else sample.z).sum()
+        num_tokens = _loss_mask(batch).sum()
 
         K_max = self.cfg.max_segments
         if sample is None:
@@ -247,18 +258,12 @@ class TRACE(nn.Module):
     def log_weights(self, batch: dict, num_samples: int) -> torch.Tensor:
         """[B, S]: log p(x|z_s) + log p(z_s) - log q(z_s|x), summed over segments; z_s ~ q(z|x)."""
         self.check_batch(batch)
-        tokens = batch["tokens"]
-        B, T = tokens.shape
-        loss_mask = batch["loss_mask"] & batch["example_mask"][:, None]
         seg_ids, _ = self._segments(batch)
-        inp, pos = self.decoder_input(tokens), torch.arange(T, device=tokens.device)
         h, h_prompt, seg_mask = self.features(batch) if self.has_latent else (None, None, None)
         out = []
         for _ in range(num_samples):
             sample: Optional[LatentSample] = None if h is None else self.latent(h, seg_mask, h_prompt)
-            logits = self.decode(inp, pos, seg_ids, None if sample is None else sample.z)
-            ce = F.cross_entropy(logits.float().reshape(B * T, -1), tokens.reshape(-1), reduction="none")
-            lw = -(ce.view(B, T) * loss_mask).sum(1)
+            lw = -self.reconstruction(batch, seg_ids, None if sample is None else sample.z)
             if sample is not None:
                 ratio = log_density_ratio(sample.innov_mean, sample.innov_logvar, sample.eps)
                 lw = lw + (ratio.sum(-1) * seg_mask).sum(1)
@@ -275,9 +280,9 @@ class TRACE(nn.Module):
         # z is linear in the innovations, so the mean latent is the path applied to eps = 0.
         s = self.latent(h, seg_mask, h_prompt, eps=torch.zeros(*seg_mask.shape, self.cfg.latent_size,
                                                                device=h.device, dtype=torch.float32))
-        K = self.cfg.max_segments
-        return dict(mean=_pad(s.z * seg_mask[..., None], K, dim=1), innov_mean=_pad(s.innov_mean, K, dim=1),
-                    innov_logvar=_pad(s.innov_logvar, K, dim=1), seg_mask=_pad(seg_mask, K, dim=1))
+        K, valid = self.cfg.max_segments, seg_mask[..., None]
+        return dict(mean=_pad(s.z * valid, K, dim=1), innov_mean=_pad(s.innov_mean * valid, K, dim=1),
+                    innov_logvar=_pad(s.innov_logvar * valid, K, dim=1), seg_mask=_pad(seg_mask, K, dim=1))
 
     def generate(self, num: int = 1, z: Optional[torch.Tensor] = None, prompts: Optional[list[list[int]]] = None,
                  gen: GenerationConfig = GenerationConfig(), generator: Optional[torch.Generator] = None,
@@ -303,6 +308,11 @@ class TRACE(nn.Module):
         if self.has_latent:
             flops += 6 * p_stack + attention
         return int(flops)
+
+
+def _loss_mask(batch: dict) -> torch.Tensor:
+    """Predicted tokens of real examples, [B, T]."""
+    return batch["loss_mask"] & batch["example_mask"][:, None]
 
 
 def _pad(x: torch.Tensor, size: int, dim: int = 0) -> torch.Tensor:
