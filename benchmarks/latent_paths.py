@@ -64,14 +64,15 @@ def latent_step(path: str, K: int, B: int):
 
 
 def path_step(path: str, K: int, B: int, d: int = 32):
-    """fwd+bwd of the W application alone: z = path(u, W) with W = Q Q^T from a parameter."""
+    """fwd+bwd of the W application alone (the only part the three paths do differently): z =
+    path(u, W) for a given idempotent W (a leaf, so its gradient is computed too)."""
     torch.manual_seed(0)
-    a = torch.randn(d, d // 2, requires_grad=True)
+    q = torch.linalg.qr(torch.randn(d, d // 2)).Q
+    w = (q @ q.T).requires_grad_(True)
     u = torch.randn(B, K, d, requires_grad=True)
 
     def step():
-        q = torch.linalg.qr(a).Q
-        latent_path(u, q @ q.T, None, path)[0].square().sum().backward()
+        latent_path(u, w, None, path)[0].square().sum().backward()
     return step
 
 
