@@ -80,7 +80,7 @@ def generate(model, num: int = 1, z: Optional[torch.Tensor] = None, prompts: Opt
     `sep`); latent_path: how prior latents are drawn (default model.latent_path; the recurrent prior
     draws all K at once); segment: 'sentence' | 'fixed:N'; use_cache: False recomputes the whole
     prefix each step (the reference the KV cache is tested against)."""
-    cfg, vocab = model.cfg, model.vocab
+    cfg = model.cfg
     device = model.wte.weight.device
     if cfg.conditional and prompts is None:
         raise ValueError("a conditional model (model.conditional) generates from prompts: pass prompts=")
