@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trace_dist.data.config import DataConfig
-from trace_dist.model.config import ModelConfig
+from trace_dist.model.config import GenerationConfig, ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +50,9 @@ class TrainConfig(_Section):
     samples_to_log: int = Field(4, ge=0, description="generated samples logged at each validation")
     max_nonfinite_in_row: int = Field(5, ge=1, description="stop after this many non-finite steps in a row")
     progress: bool = True
+    fault_nonfinite_at: list[int] = Field(default_factory=list,
+                                          description="fault injection: micro-batch positions whose loss is "
+                                                      "made NaN (exercises the non-finite guard)")
 
 
 class KLConfig(_Section):
@@ -78,15 +81,6 @@ class CheckpointConfig(_Section):
 class ZeroConfig(_Section):
     stage: int = Field(2, ge=0, le=3)
     offload_optimizer: bool = False
-
-
-class GenerationConfig(_Section):
-    max_new_tokens: int = Field(128, ge=1)
-    temperature: float = Field(1.0, gt=0.0)
-    top_k: int = Field(0, ge=0, description="0 disables")
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, ge=1.0)
-    greedy: bool = False
 
 
 class EvalConfig(_Section):

@@ -1,0 +1,161 @@
+"""Checkpoints: DeepSpeed saves with a crash-safe `latest`, resume lookup, inference loading, export.
+
+Layout of `<output_dir>/checkpoints/`:
+    step00000100/            one DeepSpeed tag: mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt,
+                             plus ours: trace_meta.json, config.yaml, tokenizer.json
+    latest                   the newest *complete* tag, replaced atomically after every rank finished
+
+A kill while saving leaves a tag directory without `trace_meta.json` and an untouched `latest`, so
+the previous checkpoint stays the one resumed from; such partial directories are pruned later.
+Resuming on a different number of ranks goes through DeepSpeed's universal checkpoint format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from trace_dist.config import TraceConfig, load_config
+from trace_dist.distributed import barrier
+
+META = "trace_meta.json"
+LATEST = "latest"
+WEIGHTS = "model.safetensors"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save(engine, cfg: TraceConfig, state: dict, tokenizer_file: Path, is_main: bool) -> Path:
+    """Collective: every rank writes its shard; rank 0 then marks the tag complete and prunes."""
+    from deepspeed.checkpoint import UNIVERSAL_CHECKPOINT_INFO
+
+    save_dir = cfg.checkpoint_dir
+    tag = tag_for(state["step"])
+    engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False,
+                           client_state={"trace": state, UNIVERSAL_CHECKPOINT_INFO: {}})
+    barrier()
+    tag_dir = save_dir / tag
+    if is_main:
+        (tag_dir / "config.yaml").write_text(cfg.to_yaml())
+        shutil.copyfile(tokenizer_file, tag_dir / "tokenizer.json")
+        meta = dict(state, tag=tag, world_size=engine.world_size, zero_stage=cfg.zero.stage)
+        _atomic_write(tag_dir / META, json.dumps(meta, indent=1))
+        _atomic_write(save_dir / LATEST, tag)
+        _prune(save_dir, keep=cfg.checkpoint.keep_last, latest=tag)
+    barrier()
+    return tag_dir
+
+
+def _prune(save_dir: Path, keep: int, latest: str) -> None:
+    tags = sorted(p for p in save_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
+    complete = [p for p in tags if (p / META).exists() and not p.name.endswith("_universal")]
+    doomed = set(complete[:-keep]) | {p for p in tags if not (p / META).exists()}
+    for p in doomed:
+        if p.name != latest:
+            shutil.rmtree(p, ignore_errors=True)
+            shutil.rmtree(p.with_name(p.name + "_universal"), ignore_errors=True)
+
+
+def locate(path: Path | str) -> tuple[Path, str, dict]:
+    """A run dir, its checkpoints dir, or one tag dir -> (save_dir, tag, meta)."""
+    path = Path(path)
+    if (path / META).exists():
+        return path.parent, path.name, json.loads((path / META).read_text())
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if (path / LATEST).exists():
+        tag = (path / LATEST).read_text().strip()
+        return locate(path / tag)
+    raise FileNotFoundError(f"no complete TRACE checkpoint at {path} (expected a '{LATEST}' file or a tag "
+                            f"directory with {META})")
+
+
+def find_resume(cfg: TraceConfig) -> Optional[tuple[Path, str, dict]]:
+    spec = cfg.checkpoint.resume
+    if spec == "none":
+        return None
+    if spec == "auto":
+        return locate(cfg.checkpoint_dir) if (cfg.checkpoint_dir / LATEST).exists() else None
+    return locate(spec)
+
+
+def to_universal(save_dir: Path, tag: str, is_main: bool) -> str:
+    """Convert a tag for loading on another world size (rank 0 converts, everyone waits)."""
+    out = f"{tag}_universal"
+    if is_main and not (save_dir / out / "zero").exists():
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                        "--input_folder", str(save_dir / tag), "--output_folder", str(save_dir / out),
+                        "--no_strict"], check=True, stdout=subprocess.DEVNULL)
+    barrier()
+    return out
+
+
+# ------------------------------------------------------------------ inference loading and export
+def _consolidated_state_dict(save_dir: Path, tag: str, meta: dict) -> dict[str, torch.Tensor]:
+    if meta.get("zero_stage", 0) == 0:
+        # ZeRO-0 keeps the whole module in DeepSpeed's model-states file (DeepSpeed's own pickle
+        # format: files this trainer wrote; exports below are pickle-free safetensors).
+        states = torch.load(save_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
+
+
+def load_for_inference(path: Path | str, overrides: list[str] | None = None):
+    """An export directory or a DeepSpeed checkpoint -> (model, cfg, tokenizer, vocab), model in eval mode."""
+    from tokenizers import Tokenizer
+
+    from trace_dist.model import TRACE
+    from trace_dist.vocab import Vocab
+
+    path = Path(path)
+    if (path / WEIGHTS).exists():
+        src, state_dict = path, None
+    else:
+        save_dir, tag, meta = locate(path)
+        src = save_dir / tag
+        state_dict = _consolidated_state_dict(save_dir, tag, meta)
+    cfg = load_config([src / "config.yaml"], overrides)
+    tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
+    vocab = Vocab.from_tokenizer(tokenizer)
+    model = TRACE(cfg.model, vocab)
+    if state_dict is None:
+        from safetensors.torch import load_model
+
+        load_model(model, str(src / WEIGHTS))
+    else:
+        model.load_state_dict(state_dict)
+    return model.eval(), cfg, tokenizer, vocab
+
+
+def export(checkpoint: Path | str, out: Path | str) -> Path:
+    """Consolidated fp32 weights as safetensors + config + tokenizer, loadable without DeepSpeed."""
+    from safetensors.torch import save_model
+
+    model, cfg, tokenizer, _ = load_for_inference(checkpoint)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(out / WEIGHTS))
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    tokenizer.save(str(out / "tokenizer.json"))
+    meta = {"source": str(Path(checkpoint).resolve())}
+    if not (Path(checkpoint) / WEIGHTS).exists():
+        meta.update(locate(checkpoint)[2])
+    (out / "export.json").write_text(json.dumps(meta, indent=1))
+    return out
