@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _ranks(launcher_pid: int) -> list:
-    """The training processes under the launcher: those started as `python -u -m trace_dist.train`."""
+    """The training processes under the launcher: those started as `python -u -m trace_dist.train`
+    (not their forked DataLoader workers, which share the command line and must not be signalled)."""
     import psutil
 
     def is_rank(p) -> bool:
@@ -120,9 +121,11 @@ def _ranks(launcher_pid: int) -> list:
         return any(a == "-m" and b == "trace_dist.train" for a, b in zip(args, args[1:]))
 
     try:
-        return [p for p in psutil.Process(launcher_pid).children(recursive=True) if is_rank(p)]
+        matches = [p for p in psutil.Process(launcher_pid).children(recursive=True) if is_rank(p)]
     except psutil.NoSuchProcess:
         return []
+    pids = {p.pid for p in matches}
+    return [p for p in matches if p.ppid() not in pids]
 
 
 def supervise(cmd: list[str], env: dict) -> int:

@@ -1,0 +1,185 @@
+"""`trace-dist train` through the real `deepspeed` launcher: multi-process, multi-node, kills, resume,
+TensorBoard read back. CPU/gloo, tiny config."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+from test_train import curve, overrides
+from trace_dist.distributed import free_port
+
+STEPS = ["train.max_steps=8", "checkpoint.interval=2", "train.eval_interval=4"]
+
+
+def train_cmd(data, out, *args, extra=()):
+    return [sys.executable, "-m", "trace_dist.cli", "train", "--config", "configs/tiny.yaml", *args,
+            *overrides(data, out, *STEPS, *extra)]
+
+
+def run(cmd, timeout=300):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for_step(proc, run_dir, step, timeout=300):
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= step:
+            return
+        assert proc.poll() is None, f"training exited early with {proc.returncode}"
+        time.sleep(0.01)
+    raise TimeoutError(f"step {step} not reached")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data, tmp_path_factory):
+    """An uninterrupted 2-process run: the curve every other launch must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    r = run(train_cmd(tiny_data, out, "--nproc", "2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+# ------------------------------------------------------------------ fast: nothing is launched
+def test_bad_config_fails_before_any_process(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    r = run(train_cmd(tiny_data, out, "--nproc", "2", extra=["model.latent=foo"]))
+    assert r.returncode == 2 and "model.latent" in r.stderr
+    assert not out.exists()
+    r = run(train_cmd(tiny_data, out, extra=["precision=fp16"]))
+    assert r.returncode == 2 and "fp16 is not supported" in r.stderr
+    r = run(train_cmd(tmp_path / "nodata", out))
+    assert r.returncode == 2 and "trace-dist prepare" in r.stderr
+    r = run(train_cmd(tiny_data, out, "--no-ssh"))
+    assert r.returncode == 2 and "--node-rank" in r.stderr
+
+
+def test_dry_run_prints_the_launcher_command(tiny_data, tmp_path):
+    r = run(train_cmd(tiny_data, tmp_path, "--hostfile", "launch/hostfile.example", "--no-ssh", "--node-rank", "1",
+                      "--master-addr", "10.1.2.3", "--nproc", "8", "--dry-run"))
+    assert r.returncode == 0, r.stderr
+    cmd = r.stdout.split()
+    for flag, value in [("--hostfile", "launch/hostfile.example"), ("--node_rank", "1"),
+                        ("--master_addr", "10.1.2.3"), ("--num_gpus", "8"), ("--module", "trace_dist.train")]:
+        assert cmd[cmd.index(flag) + 1] == value
+    assert "--no_ssh" in cmd and "deepspeed.launcher.runner" in cmd
+
+
+# ------------------------------------------------------------------ slow: real launcher processes
+@pytest.mark.slow
+def test_two_process_run_writes_checkpoints_and_tensorboard(reference):
+    assert (reference / "checkpoints" / "latest").read_text() == "step00000008"
+    assert len(curve(reference)) == 8
+    assert (reference / "config.yaml").exists() and (reference / "samples.jsonl").exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(reference / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    ea.Reload()
+    scalars = set(ea.Tags()["scalars"])
+    for tag in ["train/loss", "train/rec", "train/kl", "train/beta", "train/lr", "train/grad_norm",
+                "train/tokens_per_s", "train/samples_per_s", "train/kl_floor_per_segment",
+                "train/kl_per_segment/00", "train/nonfinite_total", "train/bad_samples",
+                "val/val_loss", "val/val_kl", "val/val_ppl_bound", "val/kl_per_segment/segment_00"]:
+        assert tag in scalars, tag
+    assert {"samples/text_summary", "config/text_summary"} <= set(ea.Tags()["tensors"])
+    logged = {e.step: e.value for e in ea.Scalars("train/loss")}
+    jsonl = dict(zip(range(1, 9), curve(reference)))
+    assert logged and all(v == pytest.approx(jsonl[s], rel=1e-6) for s, v in logged.items())
+
+
+@pytest.mark.slow
+def test_tensorboard_server_serves_the_scalars(reference):
+    port = free_port()
+    tb = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(reference / "tensorboard"),
+                           "--host", "127.0.0.1", "--port", str(port), "--load_fast=false"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?tag=train%2Floss&run=."
+        deadline, points = time.time() + 60, None
+        while time.time() < deadline:
+            try:
+                points = json.loads(urllib.request.urlopen(url, timeout=5).read())
+                if points:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert points, "tensorboard served no train/loss points"
+        jsonl = dict(zip(range(1, 9), curve(reference)))
+        for _, step, value in points:
+            assert value == pytest.approx(jsonl[step], rel=1e-6)
+    finally:
+        tb.terminate()
+        tb.wait(10)
+
+
+@pytest.mark.slow
+def test_simulated_two_nodes_match_one_node(tiny_data, reference, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    out, port = tmp_path / "run", str(free_port())
+    node = [train_cmd(tiny_data, out, "--hostfile", str(hostfile), "--no-ssh", "--node-rank", str(k),
+                      "--master-addr", "127.0.0.1", "--master-port", port, "--nproc", "1") for k in (1, 0)]
+    second = subprocess.Popen(node[0], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = run(node[1])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert second.wait(120) == 0
+    assert curve(out) == curve(reference)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reproduces_the_curve(tiny_data, reference, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(tiny_data, out, "--nproc", "2"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_for_step(proc, out, random.Random().randint(2, 5))
+    for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+        p.kill()
+    proc.wait()
+    killed_at = len(curve(out))
+    assert killed_at < 8
+    r = run(train_cmd(tiny_data, out, "--nproc", "2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
+    assert curve(out) == curve(reference)  # fp32, ZeRO-2: exact
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_zero(tiny_data, reference, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(tiny_data, out, "--nproc", "2"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_step(proc, out, 2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "preempted at step" in err
+    stopped = len(curve(out))
+    assert stopped < 8 and (out / "checkpoints" / "latest").read_text() == f"step{stopped:08d}"
+    r = run(train_cmd(tiny_data, out, "--nproc", "2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert curve(out) == curve(reference)
+
+
+@pytest.mark.slow
+def test_resume_on_fewer_ranks_via_universal_checkpoint(tiny_data, reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    r = run(train_cmd(tiny_data, out, "--nproc", "1", extra=["train.max_steps=10"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "at step 8" in r.stderr
+    assert (out / "checkpoints" / "step00000008_universal").is_dir()
+    assert (out / "checkpoints" / "latest").read_text() == "step00000010"
+    losses = curve(out)
+    assert len(losses) == 10 and losses[:8] == curve(reference)
+    # the resumed model continues from the trained weights, not from a fresh init
+    assert losses[8] < curve(reference)[0]
