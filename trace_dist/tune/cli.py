@@ -13,6 +13,7 @@ DIR layout:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -24,6 +25,8 @@ from trace_dist.tune.results import (best_row, collect, format_table, mark_paret
                                      write_results)
 from trace_dist.tune.spec import SearchConfig, apply, load_search, num_samples, param_space
 from trace_dist.tune.trial import Plan, run_trial
+
+DRIVER_CPU = 0.01  # what each trial's driver (run_trial) reserves
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +76,7 @@ def prepare(args: argparse.Namespace) -> tuple[SearchConfig, Plan, Path]:
 
 
 def start_ray(spec: SearchConfig, address: str | None) -> None:
-    """Join a cluster, or start a local one with at least the CPUs one trial needs."""
+    """Join a cluster, or start a local one with the CPUs max_concurrency trials need."""
     import ray
 
     cpus = spec.resources_per_worker.get("CPU", 1.0)
@@ -82,8 +85,9 @@ def start_ray(spec: SearchConfig, address: str | None) -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": env})
         return
-    # Logical CPUs may exceed physical ones: a 2-core laptop still runs a 2-worker trial.
-    need = int(-(-spec.workers * cpus // 1))
+    # Enough logical CPUs for max_concurrency trials (they may exceed the physical ones: a
+    # 2-core laptop still runs 2-worker trials side by side, just slower).
+    need = math.ceil(spec.max_concurrency * (spec.workers * cpus + DRIVER_CPU))
     ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, runtime_env={"env_vars": env})
 
 
@@ -94,19 +98,21 @@ def trial_name(trial) -> str:
 def build_tuner(spec: SearchConfig, plan: Plan, resume: bool):
     from ray import tune
 
-    # The driver only waits on its TorchTrainer: no CPU of its own, so workers get all of them.
-    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": 0})
+    # The driver only waits on its TorchTrainer: a sliver of a CPU (Ray refuses 0), the rest to workers.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": DRIVER_CPU})
     path = f"{plan.storage_path}/{spec.name}"
     if resume:
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     if spec.search.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch(seed=spec.search.seed)
+        search_alg, max_concurrent = OptunaSearch(seed=spec.search.seed), spec.max_concurrency
     else:
         from ray.tune.search import BasicVariantGenerator
 
-        search_alg = BasicVariantGenerator(random_state=spec.search.seed)
+        # A SearchGenerator takes the cap itself (Tune ignores max_concurrent_trials for it).
+        search_alg = BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=spec.max_concurrency)
+        max_concurrent = None
     scheduler = None
     if spec.scheduler.type == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -119,7 +125,7 @@ def build_tuner(spec: SearchConfig, plan: Plan, resume: bool):
         trainable,
         param_space=param_space(spec),
         tune_config=tune.TuneConfig(metric="objective", mode=spec.objective.mode, num_samples=num_samples(spec),
-                                    max_concurrent_trials=spec.max_concurrency, search_alg=search_alg,
+                                    max_concurrent_trials=max_concurrent, search_alg=search_alg,
                                     scheduler=scheduler, trial_name_creator=trial_name,
                                     trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(name=spec.name, storage_path=plan.storage_path),

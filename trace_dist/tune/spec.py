@@ -172,10 +172,14 @@ class Plot(_Section):
 
 
 class FaultInjection(_Section):
-    """Test switch: one worker of trial number `trial` dies once, right after report `after_report`."""
+    """Test switch: the last worker of trial number `trial` raises once, when handed report `at_report`.
+
+    It fails before that report reaches Ray, a whole eval interval after report `at_report - 1`,
+    whose checkpoint Ray has registered by then: the restarted trial must resume from it.
+    """
 
     trial: int = Field(0, ge=0, description="trial index (the _NNNNN suffix of the trial id)")
-    after_report: int = Field(1, ge=1)
+    at_report: int = Field(2, ge=2)
 
 
 class SearchConfig(_Section):

@@ -13,7 +13,6 @@ directory, which the trainer resumes from (`checkpoint.resume`).
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +63,7 @@ def run_trial(config: dict, plan: Plan) -> None:
     loop_config = {
         "config": cfg.model_dump(mode="json"),
         "objective": plan.objective.model_dump(),
-        "fail_after_report": fault.after_report if fault and fault.trial == trial_index(trial_id) else None,
+        "fail_at_report": fault.at_report if fault and fault.trial == trial_index(trial_id) else None,
     }
     trainer = TorchTrainer(
         train_worker,
@@ -91,32 +90,30 @@ class RayReport:
     ranks wrote their shards into the same tag directory, and Ray merges the nodes' uploads.
     """
 
-    def __init__(self, objective: Objective, run_dir: Path, fail_after_report: Optional[int]):
+    def __init__(self, objective: Objective, run_dir: Path, fail_at_report: Optional[int]):
         self.objective = objective
         self.run_dir = run_dir
-        self.fail_after_report = fail_after_report
+        self.fail_at_report = fail_at_report
         self.reports = 0
 
     def __call__(self, metrics: dict, checkpoint_dir: str) -> None:
         import ray.train
 
         ctx = ray.train.get_context()
+        self.reports += 1
+        if self.reports == self.fail_at_report and ctx.get_world_rank() == ctx.get_world_size() - 1:
+            self._fail_once()
         metrics = {**metrics, "objective": self.objective.value(metrics)}
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if ctx.get_local_rank() == 0 else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=Path(checkpoint_dir).name,
                          delete_local_checkpoint_after_upload=False)
-        self.reports += 1
-        if self.reports == self.fail_after_report and ctx.get_world_rank() == ctx.get_world_size() - 1:
-            self._die_once(ctx.get_world_rank())
 
-    def _die_once(self, rank: int) -> None:
-        """Fault injection (tests): the last rank exits hard, once per trial, after a checkpoint."""
+    def _fail_once(self) -> None:
+        """Fault injection (tests): a worker error, once per trial (a marker file in the run dir)."""
         marker = self.run_dir / FAULT_MARKER
-        if marker.exists():
-            return
-        marker.touch()
-        print(f"[trace-dist tune] fault injection: rank {rank} exits after report {self.reports}", flush=True)
-        os._exit(1)
+        if not marker.exists():
+            marker.touch()
+            raise RuntimeError(f"fault injection: worker fails at report {self.reports}")
 
 
 def train_worker(loop_config: dict) -> None:
@@ -127,7 +124,7 @@ def train_worker(loop_config: dict) -> None:
 
     cfg = TraceConfig.model_validate(loop_config["config"])
     report = RayReport(Objective.model_validate(loop_config["objective"]), cfg.run_dir,
-                       loop_config["fail_after_report"])
+                       loop_config["fail_at_report"])
     checkpoint = ray.train.get_checkpoint()
     if ray.train.get_context().get_world_rank() == 0:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
