@@ -1,0 +1,131 @@
+"""What does the trainer cost over a bare DeepSpeed loop? tokens/s of `run_training` vs a hand-written loop.
+
+Side by side in one process, same thread count, same model, same DeepSpeed config, same batches:
+  A. trainer: `Trainer(cfg).train()` (what `run_training(cfg)` and `trace-dist train` run; a
+     subclass only notes the time when each step's metrics.jsonl line has been written);
+  B. bare:    deepspeed.initialize(TRACE) and `out = engine(batch); engine.backward(out.loss);
+     engine.step()` on batches from the same `trace_dist.data.train_loader` stream.
+Each run builds a fresh engine and trains `--steps` steps from step 0; the first `--warmup` steps
+are excluded; runs alternate A B A B ... (`--repeats` each) so load from other processes on the
+box spreads over both. tokens/s = non-padding loss tokens / wall time between the end of step
+`warmup` and the end of the last step, so the trainer's per-step bookkeeping (loss/metric sums,
+finite check, metrics.jsonl, TensorBoard every log_interval, progress bar) is inside the window,
+and its periodic validation and checkpoint (at the last step here) are outside it.
+Goal: train_over_bare_ratio (median trainer tokens/s / median bare tokens/s) >= 0.95.
+
+    python benchmarks/trainer_overhead.py [--quick | --smoke] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import common  # noqa: F401  (first: pins threads, DS_ACCELERATOR)
+import torch
+
+from trace_dist.config import load_config
+from trace_dist.data import load_tokenizer, train_loader
+from trace_dist.model import TRACE
+from trace_dist.train import Trainer
+
+
+class StampedTrainer(Trainer):
+    """The real Trainer; notes (time, tokens so far) when each step's metrics.jsonl line is written."""
+
+    def __init__(self, cfg, report=None):
+        super().__init__(cfg, report)
+        self.stamps: list[tuple[float, int]] = []
+
+    def _jsonl(self, name: str, record: dict) -> None:
+        super()._jsonl(name, record)
+        if name == "metrics.jsonl":
+            self.stamps.append((time.perf_counter(), self.state["tokens"]))
+
+
+def window_rate(stamps: list[tuple[float, int]], warmup: int) -> float:
+    """tokens/s from the end of step `warmup` to the end of the last step."""
+    (t0, n0), (t1, n1) = stamps[warmup - 1], stamps[-1]
+    return (n1 - n0) / (t1 - t0)
+
+
+def trainer_run(cfg) -> list[tuple[float, int]]:
+    trainer = StampedTrainer(cfg)
+    trainer.train()
+    return trainer.stamps
+
+
+def bare_run(cfg, vocab) -> list[tuple[float, int]]:
+    import deepspeed
+
+    torch.manual_seed(cfg.train.seed)
+    model = TRACE(cfg.model, vocab)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           config=cfg.deepspeed_config_dict(1))
+    batches = iter(train_loader(cfg.data, vocab, cfg.train.micro_batch_size, 0, 1, cfg.train.seed,
+                                conditional=cfg.model.conditional))
+    stamps, tokens = [], 0
+    for _ in range(cfg.train.max_steps):
+        out = engine(next(batches), beta=cfg.kl.beta, free_bits=cfg.kl.free_bits)
+        engine.backward(out.loss)
+        engine.step()
+        tokens += int(out.num_tokens)
+        stamps.append((time.perf_counter(), tokens))
+    return stamps
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer steps and repeats")
+    size.add_argument("--smoke", action="store_true", help="tests: configs/tiny.yaml model, a few steps")
+    ap.add_argument("--steps", type=int, help="steps per run (default 24; quick 10; smoke 4)")
+    ap.add_argument("--warmup", type=int, help="steps excluded at the start of each run (default 4; smoke 1)")
+    ap.add_argument("--repeats", type=int, help="runs of each (default 3; quick 2; smoke 1)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both sides)")
+    args = ap.parse_args(argv)
+    steps = args.steps or (4 if args.smoke else 10 if args.quick else 24)
+    warmup = args.warmup or (1 if args.smoke else 4)
+    repeats = args.repeats or (1 if args.smoke else 2 if args.quick else 3)
+    if not 1 <= warmup < steps - 1:
+        ap.error("need 1 <= --warmup < --steps - 1")
+    common.pin_threads(args.threads)
+    config = "configs/tiny.yaml" if args.smoke else "configs/quickstart.yaml"
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = common.prepare_pydoc(Path(tmp) / "data")
+        _, vocab = load_tokenizer(data)
+
+        def cfg_for(run: str):
+            # Validation and the checkpoint only happen at the last step (outside the timed window);
+            # keep them short. Everything else is the config as `trace-dist train` would run it.
+            return load_config([common.REPO / config], [
+                f"data.path={data}", f"train.output_dir={Path(tmp) / run}", f"train.max_steps={steps}",
+                "checkpoint.resume=none", "train.eval_batches=1", "train.samples_to_log=0"])
+
+        rates: dict[str, list[float]] = {"trainer": [], "bare": []}
+        for r in range(repeats):  # A B A B ...
+            rates["trainer"].append(window_rate(trainer_run(cfg_for(f"trainer{r}")), warmup))
+            rates["bare"].append(window_rate(bare_run(cfg_for(f"bare{r}"), vocab), warmup))
+    cfg = cfg_for("report")
+
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    ratio = med["trainer"] / med["bare"]
+    m = cfg.model
+    print(f"\ntrainer vs bare DeepSpeed loop: {config} model ({m.n_layer}x{m.n_embd}, ZeRO-{cfg.zero.stage}, "
+          f"{cfg.precision}, micro-batch {cfg.train.micro_batch_size}), 1 rank, {args.threads} thread(s), "
+          f"{steps} steps/run, first {warmup} excluded, {repeats} runs each interleaved")
+    common.table(["loop", "tokens/s (median)", "runs (tokens/s)"],
+                 [[k, f"{med[k]:,.0f}", " ".join(f"{x:,.0f}" for x in v)] for k, v in rates.items()]
+                 + [["trainer / bare", f"{ratio:.3f}", "goal >= 0.95"]])
+    return common.emit({"train_over_bare_ratio": round(ratio, 4),
+                        "trainer_tokens_per_s": round(med["trainer"], 1), "bare_tokens_per_s": round(med["bare"], 1),
+                        "steps": steps, "warmup": warmup, "repeats": repeats, "threads": args.threads,
+                        "config": config})
+
+
+if __name__ == "__main__":
+    main()
