@@ -192,3 +192,17 @@ def test_plot_and_hparams_are_written(tmp_path):
     assert b"kl.beta" in session and b"fixed:8" in session
     assert acc.Scalars("hparams/val_ppl_bound")[-1].value == 18.0
     assert acc.Scalars("hparams/objective")[-1].step == 4
+
+
+def test_resume_without_a_search_and_rerun_over_one_are_refused(tmp_path, capsys):
+    from trace_dist.tune import main
+
+    search = write_search(tmp_path, base={"config": [str(REPO / "configs/tiny.yaml")],
+                                          "overrides": {"data.path": str(tmp_path)}})
+    out = tmp_path / "out"
+    assert main(["--config", str(search), "--output", str(out), "--resume"]) == 2
+    assert "--resume: no search to resume" in capsys.readouterr().err
+    out.mkdir()
+    (out / "search.yaml").write_text("{}")
+    assert main(["--config", str(search), "--output", str(out)]) == 2
+    assert "pass --resume to continue it" in capsys.readouterr().err
