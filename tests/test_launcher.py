@@ -91,6 +91,14 @@ def test_two_process_run_writes_checkpoints_and_tensorboard(reference):
                 "val/val_loss", "val/val_kl", "val/val_ppl_bound", "val/kl_per_segment/segment_00"]:
         assert tag in scalars, tag
     assert {"samples/text_summary", "config/text_summary"} <= set(ea.Tags()["tensors"])
+    assert "hparams/val_loss" in scalars  # the resolved config as hparams, with the final val metrics
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    hp = [plugin_data_pb2.HParamsPluginData.FromString(ea.PluginTagToContent("hparams")[tag])
+          for tag in ea.PluginTagToContent("hparams")]
+    starts = [p.session_start_info.hparams for p in hp if p.HasField("session_start_info")]
+    assert starts and starts[0]["model.latent"].string_value == "segments"
+    assert starts[0]["zero.stage"].number_value == 2
     logged = {e.step: e.value for e in ea.Scalars("train/loss")}
     jsonl = dict(zip(range(1, 9), curve(reference)))
     assert logged and all(v == pytest.approx(jsonl[s], rel=1e-6) for s, v in logged.items())

@@ -158,6 +158,15 @@ class TraceConfig(_Section):
         ds.pop("tensorboard", None)  # we write our own events (DeepSpeed no longer logs the loss)
         return ds
 
+    def flat(self) -> dict[str, Any]:
+        """{'model.n_layer': 4, ...}: every leaf under its dotted key (the override syntax)."""
+        def walk(node: dict, prefix: str) -> dict:
+            out = {}
+            for k, v in node.items():
+                out.update(walk(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+            return out
+        return walk(self.model_dump(mode="json"), "")
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

@@ -23,9 +23,16 @@ class TensorBoard:
         if self.writer is not None:
             self.writer.add_text(tag, text, step)
 
-    def hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
-        if self.writer is not None:
-            self.writer.add_hparams(hparams, metrics, run_name=".")
+    def hparams(self, hparams: dict, metrics: dict[str, float], step: int) -> None:
+        """The HPARAMS tab entry of this run (in this run's own directory, unlike add_hparams)."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        hp = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+        for summary in hparams_summary(hp, metrics):
+            self.writer.file_writer.add_summary(summary)
+        self.scalars(metrics, step)
 
     def flush(self) -> None:
         if self.writer is not None:

@@ -196,6 +196,9 @@ class Trainer:
                     last_saved = step
                     if validate and self.report is not None:
                         self.report(dict(result["val"], step=step), str(tag_dir))
+            if self.report is None and "val" in result:  # under Tune the tuner writes the trial's hparams
+                self.tb.hparams(self.cfg.flat(), {f"hparams/{k}": v for k, v in result["val"].items()},
+                                self.state["step"])
         finally:
             preempt.restore()
             if bar is not None:
