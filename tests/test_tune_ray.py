@@ -98,8 +98,10 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(tiny_data, t
         assert first.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
         time.sleep(1)
     first.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and stops
-    first.wait(timeout=300)
+    assert first.wait(timeout=300) == 130
     log.close()
+    with open(out / "results.csv") as f:
+        assert sorted(r["status"] for r in csv.DictReader(f)) == ["completed", "unfinished"]
     (done,) = list((out / "trials").glob("*_00000"))
     assert len(attempts(done)) == 1 and steps(done) == [1, 2, 3, 4]
 

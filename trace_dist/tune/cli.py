@@ -142,6 +142,10 @@ def report(spec: SearchConfig, plan: Plan, out: Path, result_grid) -> int:
     write_hparams(rows, Path(plan.trials_dir))
     plot_pareto(rows, spec.plot, out / "pareto.png")
     print("\n" + format_table(rows))
+    unfinished = [r["trial"] for r in rows if r["status"] == "unfinished"]
+    if unfinished:
+        print(f"\ntrace-dist tune: search interrupted with {len(unfinished)} unfinished trial(s); continue it with "
+              f"--resume --output {out}", file=sys.stderr)
     if best is None:
         print(f"\ntrace-dist tune: no trial reported the objective; see {out / 'results.json'}", file=sys.stderr)
         return 1
@@ -151,7 +155,7 @@ def report(spec: SearchConfig, plan: Plan, out: Path, result_grid) -> int:
           f"  train it: trace-dist train --config {out / 'best.yaml'}\n"
           f"  compare:  tensorboard --logdir {plan.trials_dir}\n"
           f"  files:    {out}/results.csv results.json best.yaml pareto.png")
-    return 0
+    return 130 if unfinished else 0  # 130: the shell's code for Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """After a search: the results table, best.yaml, TensorBoard hparams and the Pareto plot.
 
 A row is a plain dict (one per trial), so everything here except `collect` runs without Ray:
-    {"trial": id, "status": completed|stopped|error, "step": int, "params": {dotted key: value},
+    {"trial": id, "status": completed|stopped|unfinished|error, "step": int, "params": {dotted key: value},
      "objective": float|None, "metrics": {name: value}, "pareto": bool, "error": str|None}
 """
 
@@ -27,7 +27,13 @@ def _number(x: Any) -> Optional[float]:
 
 # ------------------------------------------------------------------ collect
 def collect(result_grid, plan) -> list[dict]:
-    """One row per trial from a Tune ResultGrid (the only function here that touches Ray objects)."""
+    """One row per trial from a Tune ResultGrid (the only function here that touches Ray objects).
+
+    A trial short of train.max_steps without an error was stopped by the scheduler, or, when
+    the search was interrupted (some trial neither terminated nor errored), is unfinished.
+    """
+    interrupted = result_grid.num_terminated + result_grid.num_errors < len(result_grid)
+    short = "unfinished" if interrupted else "stopped"
     rows = []
     for result in result_grid:
         trial = Path(result.path).name  # trial dirs are named by trial id (see cli.trial_name)
@@ -37,7 +43,7 @@ def collect(result_grid, plan) -> list[dict]:
         if result.error is not None:
             status = "error"
         else:
-            status = "completed" if step >= plan.trial_config(trial, params).train.max_steps else "stopped"
+            status = "completed" if step >= plan.trial_config(trial, params).train.max_steps else short
         rows.append({"trial": trial, "status": status, "step": step, "params": params,
                      "objective": _number(metrics.get("objective")),
                      "metrics": {k: v for k, v in metrics.items() if k in TABLE_METRICS},
