@@ -127,20 +127,18 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_hparams(rows: list[dict], trials_dir: Path) -> None:
-    """An hparams summary in each trial's TensorBoard run: `tensorboard --logdir trials/` compares them."""
-    from torch.utils.tensorboard import SummaryWriter
-    from torch.utils.tensorboard.summary import hparams
+    """An hparams summary in each trial's TensorBoard run: `tensorboard --logdir trials/` compares them.
+
+    (The trainer leaves this to the tuner under Tune: only the tuner knows the searched keys.)
+    """
+    from trace_dist.tblog import TensorBoard
 
     for r in rows:
-        hp = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in r["params"].items()}
         metrics = {f"hparams/{k}": v for k, v in {**r["metrics"], "objective": r["objective"]}.items()
                    if v is not None}
-        writer = SummaryWriter(str(trials_dir / r["trial"] / "tensorboard"))
-        for summary in hparams(hp, metrics):
-            writer.file_writer.add_summary(summary)
-        for tag, value in metrics.items():
-            writer.add_scalar(tag, value, r["step"])
-        writer.close()
+        tb = TensorBoard(trials_dir / r["trial"] / "tensorboard")
+        tb.hparams(r["params"], metrics, r["step"])
+        tb.close()
 
 
 def plot_pareto(rows: list[dict], plot: Plot, path: Path) -> None:

@@ -261,22 +261,10 @@ def load_search(path: str | Path) -> tuple[SearchConfig, TraceConfig]:
 
 
 # ------------------------------------------------------------- dotted keys
-def leaf_keys(model: type[BaseModel] = TraceConfig, prefix: str = "") -> list[str]:
-    """Every settable dotted key of the training config: 'kl.beta', 'data.segment', ..."""
-    keys = []
-    for name, field in model.model_fields.items():
-        sub = field.annotation
-        if isinstance(sub, type) and issubclass(sub, BaseModel):
-            keys += leaf_keys(sub, f"{prefix}{name}.")
-        else:
-            keys.append(prefix + name)
-    return keys
-
-
 def check_key(key: str, where: str) -> None:
     if key in RESERVED_KEYS:
         raise ConfigError(f"{where}.{key}: set by the tuner for every trial; remove it")
-    known = leaf_keys()
+    known = list(TraceConfig().flat())
     if key not in known:
         close = difflib.get_close_matches(key, known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
