@@ -191,3 +191,48 @@ def test_resume_on_fewer_ranks_via_universal_checkpoint(tiny_data, reference, tm
     assert len(losses) == 10 and losses[:8] == curve(reference)
     # the resumed model continues from the trained weights, not from a fresh init
     assert losses[8] < curve(reference)[0]
+
+
+@pytest.mark.slow
+def test_torchrun_matches_the_deepspeed_launcher(tiny_data, reference, tmp_path):
+    out = tmp_path / "run"
+    r = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+             str(free_port()), "-m", "trace_dist.train", "--config", "configs/tiny.yaml",
+             *overrides(tiny_data, out, *STEPS)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert curve(out) == curve(reference)
+
+
+@pytest.mark.slow
+def test_plain_python_single_process(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    r = run([sys.executable, "-m", "trace_dist.train", "--config", "configs/tiny.yaml",
+             *overrides(tiny_data, out, "train.max_steps=2", "train.eval_interval=2")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(curve(out)) == 2 and (out / "checkpoints" / "latest").read_text() == "step00000002"
+
+
+@pytest.mark.slow
+def test_export_loads_without_deepspeed_and_gives_the_same_logits(reference, tmp_path):
+    import torch
+
+    from trace_dist.checkpoint import load_for_inference
+
+    r = run([sys.executable, "-m", "trace_dist.cli", "export", str(reference), str(tmp_path / "export")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {"model.safetensors", "config.yaml", "tokenizer.json", "export.json"} <= \
+        {p.name for p in (tmp_path / "export").iterdir()}
+    from_ckpt, cfg, _, vocab = load_for_inference(reference)
+    from_export, *_ = load_for_inference(tmp_path / "export")
+    tokens = torch.tensor([[5, 6, 7, vocab.sep, 8, 9, vocab.eos]])
+    seg = torch.tensor([[0, 0, 0, 0, 1, 1, 1]])
+    batch = {"tokens": tokens, "seg_ids": seg, "loss_mask": seg >= 0, "prompt_mask": torch.zeros_like(seg, dtype=bool),
+             "num_segments": torch.tensor([2]), "example_mask": torch.tensor([True]),
+             "bad_samples": torch.tensor(0)}
+    torch.manual_seed(0)
+    a = from_ckpt(batch).loss
+    torch.manual_seed(0)
+    b = from_export(batch).loss
+    assert torch.equal(a, b)
+    params = dict(from_export.named_parameters())
+    assert all(torch.equal(p, params[n]) for n, p in from_ckpt.named_parameters())
