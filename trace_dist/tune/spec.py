@@ -18,10 +18,9 @@ import itertools
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from trace_dist.config import ConfigError, TraceConfig, build_config, deep_merge, load_config
+from trace_dist.config import ConfigError, TraceConfig, _read_yaml, build_config, deep_merge, load_config
 
 PRIMITIVES = ("choice", "uniform", "loguniform", "randint", "grid")
 
@@ -238,14 +237,7 @@ def _format(e: ValidationError, where: str) -> str:
 def load_search(path: str | Path) -> tuple[SearchConfig, TraceConfig]:
     """Parse + validate the search file, its base config and its space. Raises ConfigError."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"search config not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+    raw = _read_yaml(path)  # the training configs' reader: same errors, same `extends:`
     try:
         spec = SearchConfig.model_validate(raw)
     except ValidationError as e:
