@@ -177,7 +177,7 @@ class FaultInjection(_Section):
     whose checkpoint Ray has registered by then: the restarted trial must resume from it.
     """
 
-    trial: int = Field(0, ge=0, description="trial index (the _NNNNN suffix of the trial id)")
+    trial: int = Field(0, ge=0, description="trial index: the _NNNNN suffix of grid/random trial ids")
     at_report: int = Field(2, ge=2)
 
 
@@ -213,6 +213,9 @@ class SearchConfig(_Section):
                 raise ValueError(f"space.{sampled[0]}: search.algorithm 'grid' takes only grid/choice domains")
         elif self.trials is None:
             self.trials = 1
+        if self.fault_injection is not None and self.search.algorithm == "optuna":
+            raise ValueError("fault_injection: needs search.algorithm grid or random (Optuna's trial ids "
+                             "carry no index)")
         if self.resources_per_worker.get("CPU", 0) < 0 or self.resources_per_worker.get("GPU", 0) < 0:
             raise ValueError("resources_per_worker: amounts must be >= 0")
         return self

@@ -45,7 +45,7 @@ class Plan:
 
 
 def trial_index(trial_id: str) -> int:
-    """Tune ids are '<hash>_<NNNNN>', the suffix counting trials in creation order."""
+    """Grid/random trial ids are '<hash>_<NNNNN>', the suffix counting trials in creation order."""
     return int(trial_id.rsplit("_", 1)[-1])
 
 
