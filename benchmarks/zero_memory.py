@@ -6,7 +6,7 @@ ZeRO-3 partitions every parameter) and train a few steps on the built-in corpus.
 engine's actual tensors, at the moment the inner torch optimizer's step() is called (so the
 gradients are the ones held at step time), each byte once (views into one buffer are merged):
   params     module parameters as held (ZeRO-3: the param.ds_tensor partition);
-  master     the ZeRO optimizer's fp32 partition where it is a separate copy (ZeRO-1/2);
+  master     the ZeRO optimizer's fp32 partition where it is a separate copy of the parameters;
   grads      .grad of module and optimizer parameters, ZeRO's partitioned gradient buffers;
   optimizer  the torch optimizer's state (AdamW exp_avg, exp_avg_sq, step);
   buffers    every other tensor the ZeRO optimizer holds (gradient-reduction buckets: with
@@ -33,7 +33,12 @@ from pathlib import Path
 import common  # noqa: F401  (first: pins threads, DS_ACCELERATOR, tests/ on sys.path)
 import torch
 
-STAGES = (0, 1, 2, 3)
+# key -> (ZeRO stage, zero_optimization patch): the four stages as ds_config.json has them, then two
+# variants that show what the knobs named in docs/scaling.md change.
+VARIANTS = {"zero0": (0, {}), "zero1": (1, {}), "zero2": (2, {}), "zero3": (3, {}),
+            "zero2_reduce": (2, {"use_multi_rank_bucket_allreduce": False}),
+            "zero3_subgroup": (3, {"sub_group_size": 100_000})}
+LABELS = {"zero2_reduce": "2, use_multi_rank_bucket_allreduce off", "zero3_subgroup": "3, sub_group_size 1e5"}
 CATEGORIES = ("params", "master", "grads", "optimizer")  # claim order: a byte belongs to the first
 MB = 2 ** 20
 
@@ -124,6 +129,8 @@ def snapshot(engine, inner) -> dict[str, int]:
     opt_params = [p for g in inner.param_groups for p in g["params"]]
     claims = [("params", getattr(p, "ds_tensor", p.data)) for p in module.parameters()]
     claims += [("master", p) for p in opt_params]
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO-1/2, ZeRO-3
+        claims += [("master", t) for t in getattr(engine.optimizer, name, [])]
     claims += [("grads", p.grad) for p in list(module.parameters()) + opt_params]
     claims += [("grads", t) for t in _tensors(getattr(engine.optimizer, "averaged_gradients", None))]
     claims += [("grads", t) for t in _tensors(getattr(engine.optimizer, "grad_partitions_flat_buffer", None))]
@@ -146,12 +153,12 @@ def rank_main(data: str, model_overrides: list[str], steps: int) -> dict:
     d = init_distributed()
     _, vocab = load_tokenizer(data)
     results = {}
-    for stage in STAGES:
+    for key, (stage, patch) in VARIANTS.items():
         cfg = load_config([common.REPO / "configs/quickstart.yaml"],
                           [f"data.path={data}", "data.num_workers=0", "train.micro_batch_size=2",
                            f"zero.stage={stage}", *model_overrides])
         ds = cfg.deepspeed_config_dict(d.world_size)
-        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        ds["zero_optimization"].update(stage3_param_persistence_threshold=0, **patch)
         torch.manual_seed(cfg.train.seed)
         model = TRACE(cfg.model, vocab)
         n_params = sum(p.numel() for p in model.parameters())
@@ -173,8 +180,8 @@ def rank_main(data: str, model_overrides: list[str], steps: int) -> dict:
             engine.backward(out.loss)
             engine.step()
         counter.on = False
-        results[stage] = {"bytes": dict(held), "comm": dict(counter.counts), "n_params": n_params,
-                          "loss": float(out.loss)}
+        results[key] = {"bytes": dict(held), "comm": dict(counter.counts), "n_params": n_params,
+                          "loss": float(out.loss.detach())}
         del engine, model, inner, step_fn, held
         gc.collect()
     return results
@@ -198,30 +205,29 @@ def main(argv=None) -> dict:
         data = common.prepare_pydoc(Path(tmp) / "data")
         ranks = run_ranks(rank_main, 2, str(data), model, args.steps, tmp_path=tmp)
     r0 = ranks[0]
-    n_params = r0[0]["n_params"]
-    total = {s: sum(r0[s]["bytes"].get(c, 0) for c in CATEGORIES) for s in STAGES}
+    n_params, param_bytes = r0["zero0"]["n_params"], 4 * r0["zero0"]["n_params"]
+    total = {k: sum(r0[k]["bytes"].get(c, 0) for c in CATEGORIES) for k in VARIANTS}
+    comm = {k: sum(b for _, b in r0[k]["comm"].values()) for k in VARIANTS}
+    label = {k: LABELS.get(k, str(VARIANTS[k][0])) for k in VARIANTS}
     print(f"\nper-rank memory at the optimizer step, 2 ranks, fp32, {n_params / 1e6:.2f} M parameters "
-          f"({4 * n_params / MB:.1f} MB fp32); MB (rank 0; rank 1 within a few %)")
-    common.table(["ZeRO", *CATEGORIES, "states total", "/ ZeRO-0", "bytes/param", "buffers"],
-                 [[s, *(f"{r0[s]['bytes'].get(c, 0) / MB:.1f}" for c in CATEGORIES), f"{total[s] / MB:.1f}",
-                   f"{total[s] / total[0]:.3f}", f"{total[s] / n_params:.1f}",
-                   f"{r0[s]['bytes'].get('buffers', 0) / MB:.1f}"] for s in STAGES])
-    ops = sorted({op for s in STAGES for op in r0[s]["comm"]})
-    print(f"\ncollective payload per training step per rank, MB (calls); fp32 params = {4 * n_params / MB:.1f} MB")
-    common.table(["ZeRO", *ops, "total", "/ params bytes"],
-                 [[s, *(f"{r0[s]['comm'][op][1] / MB:.1f} ({r0[s]['comm'][op][0]})" if op in r0[s]["comm"] else "-"
-                        for op in ops),
-                   f"{sum(b for _, b in r0[s]['comm'].values()) / MB:.1f}",
-                   f"{sum(b for _, b in r0[s]['comm'].values()) / (4 * n_params):.2f}"] for s in STAGES])
-    figures = {"zero3_over_zero0_bytes": round(total[3] / total[0], 4),
-               **{f"zero{s}_over_zero0_bytes": round(total[s] / total[0], 4) for s in (1, 2)},
+          f"({param_bytes / MB:.1f} MB fp32); MB, rank 0")
+    common.table(["ZeRO", *CATEGORIES, "states total", "/ ZeRO-0", "bytes/param", "other buffers"],
+                 [[label[k], *(f"{r0[k]['bytes'].get(c, 0) / MB:.1f}" for c in CATEGORIES), f"{total[k] / MB:.1f}",
+                   f"{total[k] / total['zero0']:.3f}", f"{total[k] / n_params:.1f}",
+                   f"{r0[k]['bytes'].get('buffers', 0) / MB:.1f}"] for k in VARIANTS])
+    ops = sorted({op for k in VARIANTS for op in r0[k]["comm"]})
+    print(f"\ncollective payload per training step per rank, MB (calls); fp32 params = {param_bytes / MB:.1f} MB")
+    common.table(["ZeRO", *ops, "total", "/ param bytes"],
+                 [[label[k], *(f"{r0[k]['comm'][op][1] / MB:.1f} ({r0[k]['comm'][op][0]})" if op in r0[k]["comm"]
+                               else "-" for op in ops),
+                   f"{comm[k] / MB:.1f}", f"{comm[k] / param_bytes:.2f}"] for k in VARIANTS])
+    figures = {"zero3_over_zero0_bytes": round(total["zero3"] / total["zero0"], 4),
+               **{f"{k}_over_zero0_bytes": round(total[k] / total["zero0"], 4) for k in VARIANTS if k != "zero0"},
                "n_params": n_params,
-               **{f"zero{s}_state_bytes": total[s] for s in STAGES},
-               **{f"zero{s}_buffer_bytes": r0[s]["bytes"].get("buffers", 0) for s in STAGES},
-               **{f"zero{s}_comm_bytes_per_step": sum(b for _, b in r0[s]["comm"].values()) for s in STAGES},
-               **{f"zero{s}_comm_over_param_bytes": round(sum(b for _, b in r0[s]["comm"].values()) / (4 * n_params), 3)
-                  for s in STAGES},
-               "comm_by_op": {s: {op: b for op, (_, b) in r0[s]["comm"].items()} for s in STAGES}}
+               **{f"{k}_state_bytes": total[k] for k in VARIANTS},
+               **{f"{k}_comm_over_param_bytes": round(comm[k] / param_bytes, 3) for k in VARIANTS},
+               "comm_bytes_by_op": {k: {op: b for op, (_, b) in r0[k]["comm"].items()} for k in VARIANTS},
+               "state_bytes_by_kind": {k: r0[k]["bytes"] for k in VARIANTS}}
     return common.emit(figures)
 
 
