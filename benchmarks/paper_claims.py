@@ -264,12 +264,14 @@ extends it: `yelp.yaml`, `yahoo.yaml` (unconditional, sentence segments) and `wr
 (conditional CVAE, prompt -> story). Every file validates with `trace_dist.config.load_config`
 (tests/test_paper_claims.py); running them needs the data and GPUs.
 
-1. GPT-2 assets (once, on a machine with the HF weights): the tokenizer must hold the four special
-   tokens at ids 0..3 (`docs/INTERFACES.md`), and the embedding matrix must match. The comment at
-   the top of `configs/paper/gpt2_base.yaml` has the ~20-line recipe: shift GPT-2's vocabulary by 4,
-   put `<|pad|> <|bos|> <|eos|> <|sep|>` at 0..3, prepend 4 rows to `wte` and set
-   `vocab_size: 50261` in the copied `config.json`. Result: `assets/gpt2-trace/` (weights) and
-   `assets/gpt2-trace/tokenizer.json`.
+1. GPT-2 assets (once): the tokenizer must hold the four special tokens at ids 0..3
+   (`docs/INTERFACES.md`) and the embedding matrix must match it. `configs/paper/gpt2_assets.py`
+   shifts GPT-2's vocabulary by 4, puts `<|pad|> <|bos|> <|eos|> <|sep|>` at 0..3, prepends 4 rows
+   to `wte` and writes `vocab_size: 50261`:
+   ```
+   huggingface-cli download gpt2 --local-dir gpt2           # on a machine with internet
+   python configs/paper/gpt2_assets.py gpt2 assets/gpt2-trace
+   ```
 2. Data: `trace-dist prepare --input yelp_train.txt ... --tokenizer assets/gpt2-trace/tokenizer.json
    --output data/yelp` (same for Yahoo; WritingPrompts with `--conditional`, see docs/data.md).
 3. Train and evaluate (8 GPUs on one node; multi-node: `--hostfile`, see launch/):

@@ -93,3 +93,39 @@ def test_smoke_study_end_to_end(tmp_path, tiny_data):
     agg = paper_claims.aggregate(rows, list(paper_claims.SMOKE_MODELS))
     paper_claims.write_report(out, rows, agg, paper_claims.judge_claims(agg, rows), "cmd", 1.0, "now", "budget")
     assert (out / "results.md").read_text().endswith("\nmy note\n")
+
+
+def test_gpt2_assets_shift_vocab_and_weights(tmp_path):
+    """configs/paper/gpt2_assets.py on a tiny GPT-2-format model + tokenizer: the result loads as a
+    trace-dist tokenizer (specials at 0..3), encodes every text as GPT-2's ids + 4, and
+    `model.init_from` loads it with GPT-2's embedding rows at +4."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+
+    from trace_dist.data import load_tokenizer
+    from trace_dist.model import TRACE
+    from test_model_helpers import tiny_config
+
+    sys.path.insert(0, str(REPO / "configs" / "paper"))
+    import gpt2_assets
+
+    src, dst = tmp_path / "gpt2", tmp_path / "gpt2-trace"
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["The cat sat on the mat.", "A dog ran after the ball!"] * 20, vocab_size=300,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=bpe.get_vocab_size(), n_positions=64,
+                                                              n_embd=32, n_layer=2, n_head=2))
+    hf.save_pretrained(src)
+    bpe.save(str(src / "tokenizer.json"))
+
+    gpt2_assets.build(src, dst)
+    tokenizer, vocab = load_tokenizer(dst / "tokenizer.json")
+    assert (vocab.pad, vocab.bos, vocab.eos, vocab.sep) == (0, 1, 2, 3)
+    assert vocab.size == bpe.get_vocab_size() + 4
+    text = "The dog sat on the ball."
+    assert tokenizer.encode(text).ids == [i + 4 for i in bpe.encode(text).ids]
+    assert tokenizer.decode(tokenizer.encode(text).ids) == text
+    model = TRACE(tiny_config(init_from=str(dst)), vocab)
+    assert torch.equal(model.wte.weight[4:], hf.transformer.wte.weight)
