@@ -46,10 +46,22 @@ def test_likelihood_and_latent_metrics(tiny_export):
     # the LayerNorm residual posterior guarantees every segment's KL >= d * gamma^2 / 2
     assert m["kl_floor"] > 0 and min(m["kl_per_segment"]) >= m["kl_floor"] * (1 - 1e-6)
     assert 0 <= m["au"] <= m["au_max"] and len(m["au_per_segment"]) == 8
+    # MI per segment position over the documents that have it; `mi` is the first position's
+    assert 1 <= len(m["mi_per_segment"]) <= len(m["kl_per_segment"]) and m["mi"] == m["mi_per_segment"][0]
     assert m["mi"] <= math.log(m["num_examples"]) + 1.0
     again = _likelihood(tiny_export)
     assert again == m                                        # seeded per example: reproducible
     assert _likelihood(tiny_export, seed=2)["nll_iw"] != m["nll_iw"]
+
+
+def test_mi_noise_is_per_document_and_independent_of_the_other_documents():
+    keys = [3, 5, 5, 9]                                       # 5 occurs twice: a duplicate document
+    eps = evaluate.mi_noise(keys, seed=1, shape=(2, 4))
+    assert eps.shape == (4, 2, 4) and eps.dtype == torch.float64
+    assert not torch.equal(eps[1], eps[2])                    # duplicates get independent samples
+    alone = evaluate.mi_noise([5, 5], seed=1, shape=(2, 4))   # another rank count / split: same draws
+    assert torch.equal(alone, eps[1:3])
+    assert not torch.equal(evaluate.mi_noise(keys, seed=2, shape=(2, 4)), eps)
 
 
 def test_parallel_and_sequential_latent_paths_agree(tiny_export):

@@ -114,19 +114,56 @@ def test_mutual_info_matches_loop():
     assert a == b
 
 
-def test_mutual_info_masked_segments_use_the_prior():
-    g = torch.Generator().manual_seed(6)
-    mean = torch.randn(5, 3, 2, generator=g, dtype=torch.float64)              # [N, K, d]
-    logvar = torch.randn(5, 3, 2, generator=g, dtype=torch.float64) - 1
-    eps = torch.randn(5, 3, 2, generator=g, dtype=torch.float64)
-    seg_mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.bool)
-    mask = seg_mask[:, :, None].expand_as(mean)
-    filled_mean, filled_logvar = mean.masked_fill(~mask, 0.0), logvar.masked_fill(~mask, 0.0)
-    expected = _mi_loop(filled_mean.reshape(5, 6).tolist(), filled_logvar.reshape(5, 6).tolist(),
-                        eps.reshape(5, 6).tolist())
-    got = metrics.mutual_info(mean, logvar, mask=mask, eps=eps)
-    assert got == pytest.approx(expected, rel=1e-10)
-    assert got != pytest.approx(metrics.mutual_info(mean, logvar, eps=eps))   # the mask matters
+def _ragged(n=9, k=4, d=3, seed=6):
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(n, k, d, generator=g, dtype=torch.float64)
+    logvar = torch.randn(n, k, d, generator=g, dtype=torch.float64) - 1
+    eps = torch.randn(n, k, d, generator=g, dtype=torch.float64)
+    num = torch.tensor([4, 1, 2, 3, 1, 2, 2, 1, 3])[:n]                      # position 3: one document
+    seg_mask = torch.arange(k)[None] < num[:, None]                            # [N, K]
+    return mean, logvar, eps, seg_mask
+
+
+def test_mutual_info_per_segment_matches_loop():
+    mean, logvar, eps, seg_mask = _ragged()
+    got = metrics.mutual_info_per_segment(mean, logvar, seg_mask, eps)
+    assert len(got) == 3                                # position 3 has one document: no MI there
+    for k, value in enumerate(got):
+        have = seg_mask[:, k]
+        expected = _mi_loop(mean[have, k].tolist(), logvar[have, k].tolist(), eps[have, k].tolist())
+        assert value == pytest.approx(expected, rel=1e-10), k
+    # what lies past a document's segments is never read
+    junk = torch.where(seg_mask[..., None], mean, 1e6)
+    assert metrics.mutual_info_per_segment(junk, logvar, seg_mask, eps) == got
+    a = metrics.mutual_info_per_segment(mean, logvar, seg_mask, generator=torch.Generator().manual_seed(3))
+    assert a == metrics.mutual_info_per_segment(mean, logvar, seg_mask, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="seg_mask"):
+        metrics.mutual_info_per_segment(mean, logvar, seg_mask[:, :2], eps)
+
+
+def test_ragged_documents_with_content_free_latents_have_no_mi():
+    """Regression (quickstart mi = -3.5): posteriors that say nothing about x except how many
+    segments it has. Per position every document's posterior is the same, so q(z) = q(z|x) and
+    the estimate is exactly the sample's noise mean_n 1/2 (||eps_n||^2 - d), whose mean is 0. The
+    former definition (concatenated segments, missing ones filled with prior N(0, I) draws) read
+    the segment count off the LayerNorm-sized means and reported about log 3 nats."""
+    n, k, d = 300, 3, 8
+    g = torch.Generator().manual_seed(11)
+    num = torch.arange(n) % k + 1                                            # K_n = 1, 2, 3 equally often
+    seg_mask = torch.arange(k)[None] < num[:, None]
+    centre = torch.tensor([1.0, -1.0] * (d // 2), dtype=torch.float64)      # ||mu||^2 = d gamma^2, gamma = 1
+    mean, logvar = centre.expand(n, k, d), torch.full((n, k, d), -0.1, dtype=torch.float64)
+    per_segment, padded = [], []
+    for _ in range(10):
+        eps = torch.randn(n, k, d, generator=g, dtype=torch.float64)
+        got = metrics.mutual_info_per_segment(mean, logvar, seg_mask, eps)
+        noise = [0.5 * (eps[seg_mask[:, j], j] ** 2 - 1).sum(1).mean().item() for j in range(k)]
+        assert got == pytest.approx(noise, abs=1e-9)
+        per_segment.append(sum(got) / k)
+        keep = seg_mask[..., None]
+        padded.append(metrics.mutual_info(torch.where(keep, mean, 0.0), torch.where(keep, logvar, 0.0), eps=eps))
+    assert abs(sum(per_segment) / 10) < 0.15               # noise sd sqrt(d / 2 N_k) / sqrt(30) = 0.04
+    assert sum(padded) / 10 > 0.7      # about 0.86 (at most H(K) = log 3): the old number measured K
 
 
 def test_mutual_info_bounds():

@@ -7,7 +7,8 @@ Texygen (NLTK `sentence_bleu`, `SmoothingFunction().method1`, uniform weights ov
 Distributed use: every quantity that is a sum over examples has a `*_sums`/`*_stats` form whose
 entries a caller all-reduces (float64, so the order of the reduction does not show) and a
 `*_from_*` form that turns the reduced sums into the metric. MI cannot be written as sums
-(q(z) is a mixture over ALL posteriors): all-gather the posteriors and call `mutual_info`.
+(q(z) is a mixture over ALL posteriors): all-gather the posteriors and call
+`mutual_info_per_segment`.
 """
 
 from __future__ import annotations
@@ -71,24 +72,20 @@ def iw_nll(log_weights: torch.Tensor, num_tokens: torch.Tensor) -> dict[str, flo
 # --------------------------------------------------------------------------------------------
 # Mutual information I_q(x; z) (aggregate-posterior estimator)
 # --------------------------------------------------------------------------------------------
-def mutual_info(mean: torch.Tensor, logvar: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                eps: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                chunk: int = 1024) -> float:
+def mutual_info(mean: torch.Tensor, logvar: torch.Tensor, eps: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None, chunk: int = 1024) -> float:
     """He et al. 2019 / Optimus `calc_mi` on N diagonal-Gaussian posteriors q(z|x_n) = N(mean_n, exp(logvar_n)).
 
     MI = E_n[ E_q(z|x_n) log q(z|x_n) ] - E_n[ log q(z_n) ],   z_n ~ q(z|x_n) (one sample each),
     q(z) = 1/N sum_m q(z|x_m) (the mixture over the N posteriors given, the n-th included, as
-    Optimus). The first term is analytic: -D/2 log(2 pi) - 1/2 sum_j (1 + logvar_nj). The estimate
-    is at most log N (it saturates there when the posteriors barely overlap).
+    Optimus). The first term is analytic: -D/2 log(2 pi) - 1/2 sum_j (1 + logvar_nj). Over the
+    draw of the samples the estimate's mean is 1/N sum_n KL(q(z|x_n) || q(z)), in [0, log N];
+    one draw can fall below 0: where the posteriors overlap its noise is about sqrt(D / (2N))
+    nats, from the sample's own log density that the analytic term does not cancel.
 
-    mean, logvar: [N, ...]; trailing dims are flattened to D (e.g. [N, K, d] -> D = K*d, the
-    concatenated latents). mask (same shape, bool): False marks coordinates an example does not
-    have (segments past its K); they are replaced by the standard normal N(0, 1), the prior of an
-    innovation, so an example with K segments is treated as if its latents past K came from the
-    prior. Every example then has one joint density on the same D coordinates and the estimator
-    is the plain one on them. eps: [N, ...] standard normals for the samples (pass per-example
-    noise to make the estimate independent of how examples were split over ranks); else drawn
-    from `generator`.
+    mean, logvar: [N, ...], trailing dims flattened to D. eps: [N, ...] standard normals for the
+    samples (pass per-example noise to make the estimate independent of how examples were split
+    over ranks); else drawn from `generator`.
     """
     if mean.shape != logvar.shape or mean.dim() < 2:
         raise ValueError(f"mean and logvar must have the same shape [N, ...], got {tuple(mean.shape)} "
@@ -97,11 +94,6 @@ def mutual_info(mean: torch.Tensor, logvar: torch.Tensor, mask: Optional[torch.T
     if n < 1:
         raise ValueError("mutual_info needs at least one posterior")
     mu, lv = mean.reshape(n, -1).double(), logvar.reshape(n, -1).double()  # [N, D]
-    if mask is not None:
-        if mask.shape != mean.shape:
-            raise ValueError(f"mask must have the shape of mean {tuple(mean.shape)}, got {tuple(mask.shape)}")
-        keep = mask.reshape(n, -1)
-        mu, lv = torch.where(keep, mu, 0.0), torch.where(keep, lv, 0.0)
     d = mu.size(1)
     if eps is None:
         eps = torch.randn(mu.shape, generator=generator, dtype=torch.float64)
@@ -124,6 +116,35 @@ def mutual_info(mean: torch.Tensor, logvar: torch.Tensor, mask: Optional[torch.T
         quad = (zc * zc) @ inv_var.T - 2.0 * zc @ (mu * inv_var).T         # [c, N]
         log_qz.append(torch.logsumexp(-0.5 * quad + const, dim=1) - math.log(n))
     return float(neg_entropy - torch.cat(log_qz).mean())
+
+
+def mutual_info_per_segment(mean: torch.Tensor, logvar: torch.Tensor, seg_mask: torch.Tensor,
+                            eps: Optional[torch.Tensor] = None,
+                            generator: Optional[torch.Generator] = None) -> list[float]:
+    """`mutual_info` of each segment position k over the documents that have segment k.
+
+    mean, logvar, eps: [N, K, d] innovation posteriors q(u_k|x) (diagonal Gaussian); seg_mask:
+    [N, K] the segments each document has. Entry k is I(x; u_k) estimated on the N_k documents
+    with a k-th segment (mixture over those N_k, at most log N_k); the list stops before the
+    first position fewer than two documents have (one posterior carries no information: the
+    estimate would be pure sampling noise). Documents are never padded with prior latents: a
+    LayerNorm posterior's mean has norm sqrt(d) gamma, so filler N(0, I) segments would make
+    the estimator measure how many segments a document has rather than what its latents say.
+    """
+    if mean.dim() != 3 or mean.shape != logvar.shape or seg_mask.shape != mean.shape[:2]:
+        raise ValueError(f"mean, logvar must be [N, K, d] and seg_mask [N, K], got {tuple(mean.shape)}, "
+                         f"{tuple(logvar.shape)}, {tuple(seg_mask.shape)}")
+    if eps is None:
+        eps = torch.randn(mean.shape, generator=generator, dtype=torch.float64)
+    elif eps.shape != mean.shape:
+        raise ValueError(f"eps must have the shape of mean {tuple(mean.shape)}, got {tuple(eps.shape)}")
+    out = []
+    for k in range(mean.size(1)):
+        have = seg_mask[:, k].bool()
+        if int(have.sum()) < 2:
+            break
+        out.append(mutual_info(mean[have, k], logvar[have, k], eps=eps[have, k]))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
