@@ -2,6 +2,7 @@
 
 import io
 import itertools
+import json
 import shutil
 import tarfile
 from collections import Counter
@@ -172,3 +173,40 @@ def test_conditional_batches_put_the_prompt_first(tiny_data, tmp_path):
         assert tokenizer.decode(tokens[n_prompt:].tolist()).startswith(f"Item {i} is here.")
     with pytest.raises(ValueError, match="without --conditional"):
         eval_loader(cfg_for(tiny_data), load_tokenizer(tiny_data)[1], "train", 4, 0, 1, conditional=True)
+
+
+def test_encode_text_equals_prepare_and_the_loader(tmp_path):
+    """encode_text(raw text) is the record prepare stores, and Layout + collate of it the loader's example,
+    with the prepare-time limits (long sentences split, sentences past --max-segments cut) and prompts."""
+    from trace_dist.data import encode_text
+    from trace_dist.data.batch import Layout, collate
+
+    sentences = "Item {i} is here. It is a remarkably long sentence about the number {i}."
+    docs = [{"prompt": f"Tell me about item {i}.", "target": " ".join([sentences.format(i=i)] * (i % 3 + 1))}
+            for i in range(12)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    out = tmp_path / "out"
+    assert prepare(["--input", str(tmp_path / "pairs.jsonl"), "--output", str(out), "--conditional",
+                    "--vocab-size", "300", "--valid-fraction", "0", "--test-fraction", "0",
+                    "--max-segments", "4", "--max-segment-tokens", "12"]) == 0
+    tokenizer, vocab = load_tokenizer(out)
+    stored = list(records(out, "train", conditional=True))             # input order: one shard, nothing skipped
+    cfg = cfg_for(out, max_segments=3, max_segment_tokens=10)           # load-time limits cut further
+    batch = next(iter(eval_loader(cfg, vocab, "train", len(docs), 0, 1, conditional=True)))
+    stats = Counter()
+    for i, (doc, record) in enumerate(zip(docs, stored, strict=True)):
+        mine = encode_text(doc["target"], tokenizer, doc["prompt"], max_segments=4, max_segment_tokens=12,
+                           stats=stats)
+        for field in ("ids", "bounds", "prompt"):
+            assert np.array_equal(getattr(mine, field), getattr(record, field)), (i, field)
+        assert (mine.text, mine.prompt_text) == (record.text, record.prompt_text)
+        one = collate([Layout(cfg, vocab, conditional=True).example(mine)], vocab, 0)
+        n = one["tokens"].shape[1]
+        for key in ("tokens", "seg_ids", "prompt_mask", "loss_mask"):
+            assert torch.equal(one[key][0], batch[key][i, :n]), (i, key)
+        assert int(one["num_segments"][0]) == int(batch["num_segments"][i])
+    assert stats["split_segments"] > 0 and stats["cut_segments"] > 0   # both limits were exercised
+    with pytest.raises(ValueError, match="special-token"):
+        encode_text("A text with <|sep|> inside.", tokenizer)
+    with pytest.raises(ValueError, match="empty"):
+        encode_text("", tokenizer)

@@ -7,7 +7,8 @@ validating a config must not pay for importing torch and webdataset.
 
 import importlib
 
-_EXPORTS = {"eval_loader": "stream", "manifest": "stream", "train_loader": "stream", "load_tokenizer": "tokenizer"}
+_EXPORTS = {"encode_text": "prepare", "eval_loader": "stream", "manifest": "stream", "train_loader": "stream",
+            "load_tokenizer": "tokenizer"}
 __all__ = sorted(_EXPORTS)
 
 

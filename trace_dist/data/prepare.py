@@ -139,32 +139,55 @@ def _init_worker(tokenizer_json: str, settings: Settings) -> None:
     _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), splitter=SentenceSplitter(), settings=settings)
 
 
+def encode_text(text: str, tokenizer, prompt: Optional[str] = None, max_segments: Optional[int] = None,
+                max_segment_tokens: Optional[int] = None, splitter: Optional[SentenceSplitter] = None,
+                stats: Optional[Counter] = None) -> Record:
+    """A raw text (and conditional prompt) -> the Record `trace-dist prepare` stores for it.
+
+    The text is tokenized once; pysbd sentence ends become token bounds; sentences longer than
+    max_segment_tokens - 1 tokens are split (the separator takes one of the N places); then only
+    the first max_segments sentences are kept, ids and text cut to match. The limits are the
+    prepare options of the same names (None: no limit). The loaders turn the record into a batch
+    (`Layout(data_cfg, vocab, conditional).example(record)`, `collate`), applying the data.*
+    limits. Raises ValueError for an empty text or one whose tokens include a special token.
+    stats, if given, counts what the limits changed (split_segments, cut_segments, cut_tokens);
+    splitter lets a caller reuse one pysbd segmenter.
+    """
+    enc = tokenizer.encode(text)
+    ids = np.asarray(enc.ids, dtype=np.int32)
+    if len(ids) == 0:
+        raise ValueError("text is empty")
+    prompt_ids = None if prompt is None else np.asarray(tokenizer.encode(prompt).ids, dtype=np.int32)
+    if any(a is not None and np.any(a < len(SPECIAL_TOKENS)) for a in (ids, prompt_ids)):
+        raise ValueError("text contains a special-token string")
+    stats = Counter() if stats is None else stats
+    starts = np.asarray([start for start, _ in enc.offsets], dtype=np.int64)
+    bounds = token_bounds(starts, (splitter or SentenceSplitter()).char_ends(text), len(ids))
+    if max_segment_tokens:  # the separator takes one of the N places
+        longer = split_long(bounds, max_segment_tokens - 1)
+        stats["split_segments"] += len(longer) - len(bounds)
+        bounds = longer
+    if max_segments and len(bounds) > max_segments:
+        stats["cut_segments"] += len(bounds) - max_segments
+        stats["cut_tokens"] += len(ids) - int(bounds[max_segments - 1])
+        bounds = bounds[:max_segments]
+        ids = ids[: bounds[-1]]
+        text = text[: enc.offsets[len(ids) - 1][1]]
+    return Record(ids, bounds, prompt_ids, text, prompt)
+
+
 def encode_document(doc: Document, doc_id: str) -> tuple[Optional[Record], Counter]:
     """Tokenize once, find sentence token boundaries, apply the prepare-time limits."""
     tokenizer, splitter, s = _worker["tokenizer"], _worker["splitter"], _worker["settings"]
     stats = Counter()
-    enc = tokenizer.encode(doc.text)
-    ids = np.asarray(enc.ids, dtype=np.int32)
-    prompt = np.asarray(tokenizer.encode(doc.prompt).ids, dtype=np.int32) if s.conditional else None
-    if any(a is not None and np.any(a < len(SPECIAL_TOKENS)) for a in (ids, prompt)):
-        stats["text contains a special-token string"] += 1
-        return None, stats
-    starts = np.asarray([start for start, _ in enc.offsets], dtype=np.int64)
-    bounds = token_bounds(starts, splitter.char_ends(doc.text), len(ids))
-    if s.max_segment_tokens:  # the separator takes one of the N places
-        longer = split_long(bounds, s.max_segment_tokens - 1)
-        stats["split_segments"] += len(longer) - len(bounds)
-        bounds = longer
-    text = doc.text
-    if s.max_segments and len(bounds) > s.max_segments:
-        stats["cut_segments"] += len(bounds) - s.max_segments
-        stats["cut_tokens"] += len(ids) - int(bounds[s.max_segments - 1])
-        bounds = bounds[: s.max_segments]
-        ids = ids[: bounds[-1]]
-        text = text[: enc.offsets[len(ids) - 1][1]]
-    stats.update(samples=1, tokens=len(ids), segments=len(bounds))
-    meta = {"id": doc_id, "source": doc.where}
-    return Record(ids, bounds, prompt, text, doc.prompt, meta), stats
+    try:
+        record = encode_text(doc.text, tokenizer, doc.prompt if s.conditional else None, s.max_segments,
+                             s.max_segment_tokens, splitter, stats)
+    except ValueError as e:  # the reason, counted as a problem of this input line
+        return None, Counter({str(e): 1})
+    stats.update(samples=1, tokens=len(record.ids), segments=len(record.bounds))
+    record.meta = {"id": doc_id, "source": doc.where}
+    return record, stats
 
 
 def _encode_task(task: list[tuple[Document, str, str]]) -> list[tuple[str, str, Optional[Record], Counter]]:
