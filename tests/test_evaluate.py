@@ -138,18 +138,24 @@ def test_generate_cli_modes_reproducible(tiny_export, tmp_path):
     assert [r["t"] for r in inter] == [0.0, 0.5, 1.0]
 
 
-def test_text_batch_matches_the_data_layout(tiny_export):
-    from trace_dist.checkpoint import load_for_inference
-    from trace_dist.generate import text_batch, interpolation
+def test_posterior_mean_of_a_raw_text_equals_the_prepared_document(tiny_export, tiny_data):
+    """A test document's raw text through `generate` has the posterior the eval pipeline computes
+    for the same document read from the prepared shards."""
+    from test_data_prepare import records
 
-    _, cfg, tokenizer, vocab = load_for_inference(tiny_export)
-    text = "The cat watched the garden. The robot sold a green apple! Every student cleaned the long road?"
-    b = text_batch(text, tokenizer, cfg, vocab)
-    assert int(b["num_segments"][0]) == 3
-    toks, seg = b["tokens"][0], b["seg_ids"][0]
-    assert int(toks[-1]) == vocab.eos and (toks == vocab.sep).sum() == 2
-    assert tokenizer.decode(toks[(toks != vocab.sep) & (toks != vocab.eos)].tolist()) == text
-    assert seg.tolist() == sorted(seg.tolist()) and seg.min() == 0
+    from trace_dist.checkpoint import load_for_inference
+    from trace_dist.data import eval_loader
+    from trace_dist.generate import interpolation, posterior_mean
+
+    model, cfg, tokenizer, vocab = load_for_inference(tiny_export)
+    record = next(iter(records(tiny_data, "test")))
+    ex = next(evaluate.single_examples(next(iter(eval_loader(cfg.data, vocab, "test", 1, 0, 1)))))
+    tokens = ex["tokens"][0]
+    assert tokens[tokens > vocab.sep].tolist() == record.ids.tolist() and len(record.bounds) > 1   # the same document
+    expected = model.posterior(ex)["mean"][0, : len(record.bounds)]
+    assert torch.equal(posterior_mean(model, record.text, tokenizer, cfg, vocab, "cpu"), expected)
+    with pytest.raises(SystemExit, match="special-token"):
+        posterior_mean(model, "The cat <|eos|> sat.", tokenizer, cfg, vocab, "cpu")
     z = interpolation(torch.zeros(3, 2), torch.ones(2, 2), steps=3)
     assert z.shape == (3, 2, 2) and torch.equal(z[1], torch.full((2, 2), 0.5))
 

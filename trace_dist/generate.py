@@ -5,8 +5,9 @@
                         [--top-p P --top-k K --temperature T] [--latent-path P] [--seed S]
                         [--batch-size B] [--output FILE.jsonl] [dotted.key=value ...]
 
-Texts given on the command line are tokenised and segmented like the data pipeline
-(data.segment of the checkpoint's config). Reconstruction encodes with the posterior mean
+Texts given on the command line are encoded as `trace-dist prepare` encodes a document
+(`trace_dist.data.encode_text`) and laid out by the loader (data.* of the checkpoint's config,
+sentences longer than data.max_segment_tokens split). Reconstruction encodes with the posterior mean
 E_q[z|x] and decodes from it; interpolation decodes (1 - t) z_A + t z_B per segment position
 (Optimus-style) for t in linspace(0, 1, steps), over the first min(K_A, K_B) segments. Prior
 samples come in chunks of --batch-size seeded by (seed, chunk start), as in `trace-dist eval`.
@@ -25,37 +26,23 @@ import torch
 from trace_dist.evaluate import flatten_yaml, prior_chunk, seeded_generator, text_of
 
 
-def text_batch(text: str, tokenizer, cfg, vocab, prompt: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """One raw text (and prompt) -> a batch of one, segmented as `trace-dist prepare` + the loader do.
-
-    Sentence mode: pysbd sentences mapped to token offsets, sentences longer than
-    data.max_segment_tokens split; fixed mode: the loader's Layout cuts N-token chunks.
-    """
-    import numpy as np
-
-    from trace_dist.data.batch import Layout, collate
-    from trace_dist.data.segment import SentenceSplitter, split_long, token_bounds
-    from trace_dist.data.shards import Record
-
-    enc = tokenizer.encode(text)
-    if not enc.ids:
-        raise ValueError("generate: an input text is empty")
-    ids = np.asarray(enc.ids, dtype=np.int32)
-    starts = np.asarray([s for s, _ in enc.offsets], dtype=np.int64)
-    bounds = split_long(token_bounds(starts, SentenceSplitter().char_ends(text), len(ids)),
-                        cfg.data.max_segment_tokens - 1)
-    prompt_ids = None if prompt is None else np.asarray(tokenizer.encode(prompt).ids, dtype=np.int32)
-    record = Record(ids, bounds, prompt_ids, text, prompt)
-    example = Layout(cfg.data, vocab, conditional=prompt is not None).example(record)
-    return collate([example], vocab, 0)
-
-
 def posterior_mean(model, text: str, tokenizer, cfg, vocab, device) -> torch.Tensor:
-    """E_q[z_k|x] of a text: [K, d] for its K segments."""
+    """E_q[z_k|x] of a text: [K, d] for its K segments.
+
+    The text is encoded as `trace-dist prepare` encodes a document (`encode_text`), sentences
+    longer than data.max_segment_tokens split rather than truncated, and laid out by the loader.
+    """
+    from trace_dist.data import encode_text
+    from trace_dist.data.batch import Layout, collate
+
     if not model.has_latent:
         raise SystemExit("generate: --reconstruct/--interpolate need a latent model (model.latent is 'none')")
-    batch = {k: v.to(device) for k, v in text_batch(text, tokenizer, cfg, vocab).items()}
-    post = model.posterior(batch)
+    try:
+        record = encode_text(text, tokenizer, max_segment_tokens=cfg.data.max_segment_tokens)
+    except ValueError as e:
+        raise SystemExit(f"generate: input text {text[:40]!r}: {e}")
+    batch = collate([Layout(cfg.data, vocab, conditional=False).example(record)], vocab, 0)
+    post = model.posterior({k: v.to(device) for k, v in batch.items()})
     return post["mean"][0, : int(batch["num_segments"][0])]
 
 
