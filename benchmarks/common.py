@@ -6,6 +6,7 @@ is imported) and points DeepSpeed at the CPU when there is no GPU.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -29,6 +30,16 @@ def pin_threads(n: int) -> None:
     """Same intra-op thread count for everything measured in this process."""
     os.environ["OMP_NUM_THREADS"] = str(n)
     torch.set_num_threads(n)
+
+
+def arg_parser(doc: str, smoke: str, quick: str | None = None) -> argparse.ArgumentParser:
+    """A benchmark's parser with its size switches: --smoke (the tests), --quick (run_all.py --quick)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--smoke", action="store_true", help=smoke)
+    if quick is not None:
+        size.add_argument("--quick", action="store_true", help=quick)
+    return ap
 
 
 def prepare_pydoc(out: Path) -> Path:

@@ -22,7 +22,6 @@ Goal: mfu_pct >= 40 at the benchmark size (4 layers, n_embd 384, T 256, vocab 40
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -127,10 +126,7 @@ def profile_split(step) -> dict[str, float]:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    size = ap.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="fewer repeats")
-    size.add_argument("--smoke", action="store_true", help="tests: a 2x64 model, T 64")
+    ap = common.arg_parser(__doc__, smoke="tests: a 2x64 model, T 64", quick="fewer repeats")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (matmuls and model)")
     ap.add_argument("--batch", type=int, default=8, help="documents per step")
     args = ap.parse_args(argv)

@@ -5,6 +5,7 @@ goal, met/missed).
     python benchmarks/run_all.py [--quick] [--only NAME ...] [--out-dir DIR]
 
 --quick runs each benchmark at its smaller setting (under 10 minutes in all on a 2-core box).
+paper_claims.py (a many-run study whose results live in docs/) runs at its --smoke size only.
 A benchmark that fails is recorded with its exit code and the tail of its stderr; the others
 still run, and this script exits 1.
 """
@@ -17,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,9 +33,11 @@ QUICK_ARGS = {
     "data_throughput.py": ["--batches", "300", "--train-steps", "3", "--copies", "1"],
     "bench_self_bleu.py": ["--n", "150", "--big", "500"],
     "trainer_overhead.py": ["--quick"],
-    "zero_memory.py": ["--quick"],
     "compute_efficiency.py": ["--quick"],
 }
+# Arguments in both modes. paper_claims.py is a study of many training runs (hours) whose own output
+# lives in docs/; here it runs only at its smoke size, writing into a temporary directory.
+ALWAYS_ARGS = {"paper_claims.py": ["--smoke", "--out", "{tmp}/out", "--work", "{tmp}/work"]}
 
 # (benchmark, figure) -> (comparison, threshold): the goals stated in each benchmark's docstring.
 GOALS = {
@@ -51,14 +55,15 @@ def benchmarks() -> list[str]:
     return sorted(p.name for p in HERE.glob("*.py") if p.name not in NOT_BENCHMARKS)
 
 
-def run_one(name: str, quick: bool) -> dict:
-    cmd = [sys.executable, str(HERE / name), *(QUICK_ARGS.get(name, []) if quick else [])]
+def run_one(name: str, quick: bool, tmp: Path) -> dict:
+    args = ALWAYS_ARGS.get(name, []) + (QUICK_ARGS.get(name, []) if quick else [])
+    cmd = [sys.executable, str(HERE / name), *(a.replace("{tmp}", str(tmp / name)) for a in args)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [str(common.REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     print(f"[run_all] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=common.REPO, env=env, capture_output=True, text=True)
-    entry = {"cmd": " ".join(["python", str(Path(cmd[1]).relative_to(common.REPO)), *cmd[2:]]),
+    entry = {"cmd": " ".join(["python", str(Path(cmd[1]).relative_to(common.REPO)), *args]),
              "seconds": round(time.perf_counter() - t0, 1), "rc": proc.returncode}
     try:
         if proc.returncode != 0:
@@ -121,7 +126,8 @@ def main(argv=None) -> int:
             ap.error(f"--only: no such benchmark {unknown}; known: {names}")
         names = [n for n in names if n in args.only]
 
-    results = {name: run_one(name, args.quick) for name in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {name: run_one(name, args.quick, Path(tmp)) for name in names}
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "quick": args.quick,
               "command": " ".join(["python benchmarks/run_all.py", *(sys.argv[1:] if argv is None else argv)]),

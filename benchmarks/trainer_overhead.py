@@ -18,7 +18,6 @@ Goal: train_over_bare_ratio (median trainer tokens/s / median bare tokens/s) >= 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -78,10 +77,8 @@ def bare_run(cfg, vocab) -> list[tuple[float, int]]:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    size = ap.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="fewer steps and repeats")
-    size.add_argument("--smoke", action="store_true", help="tests: configs/tiny.yaml model, a few steps")
+    ap = common.arg_parser(__doc__, smoke="tests: configs/tiny.yaml model, a few steps",
+                           quick="fewer steps and repeats")
     ap.add_argument("--steps", type=int, help="steps per run (default 20; quick 10; smoke 4)")
     ap.add_argument("--warmup", type=int, help="steps excluded at the start of each run (default 3; smoke 1)")
     ap.add_argument("--repeats", type=int, help="runs of each (default 4; quick 3; smoke 1)")

@@ -17,12 +17,11 @@ binds them); one whole training step after warm-up is counted, as the payload of
 full tensor: all-reduce buffer, reduce-scatter input, all-gather output), per rank.
 Goal: zero3_over_zero0_bytes (params+master+grads+optimizer, ZeRO-3 / ZeRO-0) <= 0.55.
 
-    python benchmarks/zero_memory.py [--quick | --smoke]
+    python benchmarks/zero_memory.py [--smoke] [--steps 3]
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gc
 import inspect
@@ -189,10 +188,7 @@ def rank_main(data: str, model_overrides: list[str], steps: int) -> dict:
 
 # ---------------------------------------------------------------------------- driver
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    size = ap.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="(same sizes; kept for run_all.py)")
-    size.add_argument("--smoke", action="store_true", help="tests: a 2x64 model")
+    ap = common.arg_parser(__doc__, smoke="tests: a 2x64 model")
     ap.add_argument("--steps", type=int, default=3, help="training steps per stage (the last is counted)")
     args = ap.parse_args(argv)
     if args.steps < 2:
