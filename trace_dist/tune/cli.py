@@ -98,6 +98,8 @@ def trial_name(trial) -> str:
 def build_tuner(spec: SearchConfig, plan: Plan, resume: bool):
     from ray import tune
 
+    from trace_dist.tune.cleanup import ReleaseStoppedTrials
+
     # The driver only waits on its TorchTrainer: a sliver of a CPU (Ray refuses 0), the rest to workers.
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": DRIVER_CPU})
     path = f"{plan.storage_path}/{spec.name}"
@@ -128,7 +130,8 @@ def build_tuner(spec: SearchConfig, plan: Plan, resume: bool):
                                     max_concurrent_trials=max_concurrent, search_alg=search_alg,
                                     scheduler=scheduler, trial_name_creator=trial_name,
                                     trial_dirname_creator=trial_name),
-        run_config=tune.RunConfig(name=spec.name, storage_path=plan.storage_path),
+        run_config=tune.RunConfig(name=spec.name, storage_path=plan.storage_path,
+                                  callbacks=[ReleaseStoppedTrials(plan.trials_dir)]),
     )
 
 

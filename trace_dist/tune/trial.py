@@ -23,6 +23,7 @@ from trace_dist.tune.spec import FaultInjection, Objective, apply
 
 ATTEMPTS_FILE = "attempts.jsonl"  # one line per (re)start of a trial's workers, in the trial dir
 FAULT_MARKER = ".fault_injected"
+PLACEMENT_GROUP_FILE = ".placement_group"  # the id of the trial's current worker-group placement group
 
 
 @dataclass(frozen=True)
@@ -130,9 +131,13 @@ def train_worker(loop_config: dict) -> None:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         with open(cfg.run_dir / ATTEMPTS_FILE, "a") as f:
             f.write(json.dumps({"time": time.time(), "resume": checkpoint.path if checkpoint else None}) + "\n")
+        group = ray.util.get_current_placement_group()
+        if group is not None:
+            (cfg.run_dir / PLACEMENT_GROUP_FILE).write_text(group.id.hex())
     if checkpoint is None:
         run_training(cfg, report=report)
         return
     with checkpoint.as_directory() as tag_dir:  # local storage: the path itself; remote: one download per node
         run_training(cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"resume": tag_dir})}),
                      report=report)
+
