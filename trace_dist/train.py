@@ -125,63 +125,24 @@ class Trainer:
         batches = iter(train_loader(cfg.data, self.vocab, cfg.train.micro_batch_size, d.rank, d.world_size,
                                     cfg.train.seed, start_step=self.state["data_position"],
                                     conditional=cfg.model.conditional))
-        preempt = Preemption()
+        self.preempt, self.nonfinite_in_row = Preemption(), 0
         bar = None
         if cfg.train.progress and d.is_main:
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.train.max_steps, initial=self.state["step"], desc="train", dynamic_ncols=True)
-        nonfinite_in_row, last_saved, result = 0, self.state["step"], {"status": "completed"}
+        result = {"status": "completed", "last_checkpoint": self.state["step"]}
         self.engine.train()
         try:
             while self.state["step"] < cfg.train.max_steps:
                 t0 = time.perf_counter()
                 beta = kl_beta(cfg.kl, self.state["step"], cfg.train.max_steps)
-                # [loss, rec, kl, tokens, examples, micro-batches, preempt, bad samples, kl/segment[K], count[K]]
-                sums = torch.zeros(8 + 2 * cfg.model.max_segments, dtype=torch.float64)
-                for _ in range(cfg.train.grad_accum):
-                    while True:  # draw batches until one has a finite loss on every rank
-                        out, batch = self._forward(next(batches), beta)
-                        finite = all_reduce_sum(torch.tensor([float(not torch.isfinite(out.loss))])).item() == 0
-                        sums[7] += batch["bad_samples"].item()
-                        if finite:
-                            break
-                        self.state["nonfinite_total"] += 1
-                        nonfinite_in_row += 1
-                        self.log(f"step {self.state['step']}: non-finite loss, batch skipped "
-                                 f"({nonfinite_in_row} in a row)")
-                        if nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
-                            raise NonFiniteError(
-                                f"{nonfinite_in_row} non-finite steps in a row at step {self.state['step']}; "
-                                f"stopping. The last good checkpoint is {cfg.checkpoint_dir / 'latest'}")
-                    self.engine.backward(out.loss)
-                    self.engine.step()
-                    sums[:7] += torch.stack([out.loss.detach().double(), out.rec_sum.detach().double(),
-                                             out.kl_sum.detach().double(), out.num_tokens.double(),
-                                             out.num_examples.double(), torch.tensor(1.0, dtype=torch.float64),
-                                             torch.tensor(float(preempt.requested), dtype=torch.float64)])
-                    sums[8:] += torch.cat([out.kl_per_segment_sum.detach(), out.seg_count]).double().cpu()
-                if self.engine.was_step_applied():
-                    nonfinite_in_row = 0
-                else:  # DeepSpeed found a non-finite gradient norm and skipped the update
-                    self.state["skipped_steps"] += 1
-                    nonfinite_in_row += 1
-                    if nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
-                        raise NonFiniteError(f"{nonfinite_in_row} non-finite steps in a row at step "
-                                             f"{self.state['step']}; stopping. The last good checkpoint is "
-                                             f"{cfg.checkpoint_dir / 'latest'}")
-                sums = all_reduce_sum(sums)
+                sums, out = self._optimizer_step(batches, beta)
                 self.state["step"] += 1
                 self.state["tokens"] += int(sums[3].item())
                 record = self._train_record(sums, beta, out, time.perf_counter() - t0)
-                self._jsonl("metrics.jsonl", record)
-                if self.state["step"] % cfg.train.log_interval == 0 or self.state["step"] == 1:
-                    self.tb.scalars({k: v for k, v in record.items() if k != "step"}, self.state["step"],
-                                    prefix="train/")
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", kl=f"{record['kl']:.2f}",
-                                    tok_s=f"{record['tokens_per_s']:.0f}")
+                self._log_step(record, bar)
+
                 step = self.state["step"]
                 validate = step % cfg.train.eval_interval == 0 or step == cfg.train.max_steps
                 if validate:
@@ -190,22 +151,71 @@ class Trainer:
                     self.log(f"preempted at step {step}: saving a checkpoint, then exiting")
                     self._save()
                     return {"status": "preempted", "step": step}
-                if step % cfg.checkpoint.interval == 0 or step == cfg.train.max_steps or \
-                        (validate and self.report is not None):
+                report = validate and self.report is not None  # Tune wants a checkpoint with each report
+                if step % cfg.checkpoint.interval == 0 or step == cfg.train.max_steps or report:
                     tag_dir = self._save()
-                    last_saved = step
-                    if validate and self.report is not None:
+                    result["last_checkpoint"] = step
+                    if report:
                         self.report(dict(result["val"], step=step), str(tag_dir))
             if self.report is None and "val" in result:  # under Tune the tuner writes the trial's hparams
                 self.tb.hparams(self.cfg.flat(), {f"hparams/{k}": v for k, v in result["val"].items()},
                                 self.state["step"])
         finally:
-            preempt.restore()
+            self.preempt.restore()
             if bar is not None:
                 bar.close()
             self.tb.close()
-        result.update(self.state, last_checkpoint=last_saved)
+        result.update(self.state)
         return result
+
+    def _optimizer_step(self, batches, beta: float):
+        """grad_accum micro-batches and one DeepSpeed update; returns the sums reduced over ranks:
+        [loss, rec, kl, tokens, examples, micro-batches, preempt, bad samples, kl/segment[K], count[K]]."""
+        K = self.cfg.model.max_segments
+        sums = torch.zeros(8 + 2 * K, dtype=torch.float64)
+        for _ in range(self.cfg.train.grad_accum):
+            out, bad = self._finite_forward(batches, beta)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            sums[:8] += torch.tensor([out.loss.item(), out.rec_sum.item(), out.kl_sum.item(), out.num_tokens.item(),
+                                      out.num_examples.item(), 1.0, float(self.preempt.requested), bad],
+                                     dtype=torch.float64)
+            sums[8:] += torch.cat([out.kl_per_segment_sum.detach(), out.seg_count]).double().cpu()
+        if self.engine.was_step_applied():
+            self.nonfinite_in_row = 0
+        else:  # DeepSpeed found a non-finite gradient norm and skipped the update
+            self.state["skipped_steps"] += 1
+            self._nonfinite("gradient norm, update skipped")
+        return all_reduce_sum(sums), out
+
+    def _finite_forward(self, batches, beta: float):
+        """Draw micro-batches until one has a finite loss on every rank (the others are dropped
+        before backward, on all ranks alike); returns it and the bad samples the stream reported."""
+        bad = 0.0
+        while True:
+            out, batch = self._forward(next(batches), beta)
+            bad += batch["bad_samples"].item()
+            if all_reduce_sum(torch.tensor([float(not torch.isfinite(out.loss))])).item() == 0:
+                return out, bad
+            self.state["nonfinite_total"] += 1
+            self._nonfinite("loss, batch skipped")
+
+    def _nonfinite(self, what: str) -> None:
+        self.nonfinite_in_row += 1
+        self.log(f"step {self.state['step']}: non-finite {what} ({self.nonfinite_in_row} in a row)")
+        if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
+            raise NonFiniteError(f"{self.nonfinite_in_row} non-finite steps in a row at step {self.state['step']}; "
+                                 f"stopping. The last good checkpoint is {self.cfg.checkpoint_dir / 'latest'}")
+
+    def _log_step(self, record: dict, bar) -> None:
+        self._jsonl("metrics.jsonl", record)
+        step = self.state["step"]
+        if step % self.cfg.train.log_interval == 0 or step == 1:
+            self.tb.scalars({k: v for k, v in record.items() if k != "step"}, step, prefix="train/")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", kl=f"{record['kl']:.2f}",
+                            tok_s=f"{record['tokens_per_s']:.0f}")
 
     def _forward(self, batch: dict, beta: float):
         self.state["data_position"] += 1
