@@ -136,7 +136,7 @@ def build_tuner(spec: SearchConfig, plan: Plan, resume: bool):
 
 
 def report(spec: SearchConfig, plan: Plan, out: Path, result_grid) -> int:
-    rows = collect(result_grid, plan)
+    rows = collect(result_grid, plan, f"{plan.storage_path}/{spec.name}")
     mark_pareto(rows, spec.plot)
     best = best_row(rows, spec.objective.mode)
     summary = {"name": spec.name, "objective": spec.objective.model_dump(),

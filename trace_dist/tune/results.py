@@ -26,24 +26,29 @@ def _number(x: Any) -> Optional[float]:
 
 
 # ------------------------------------------------------------------ collect
-def collect(result_grid, plan) -> list[dict]:
+def collect(result_grid, plan, experiment_path: str) -> list[dict]:
     """One row per trial from a Tune ResultGrid (the only function here that touches Ray objects).
 
-    A trial short of train.max_steps without an error was stopped by the scheduler, or, when
-    the search was interrupted (some trial neither terminated nor errored), is unfinished.
+    Statuses come from the experiment state Tune saved (after Ctrl-C it still says RUNNING for
+    the trials cut short, where the in-memory grid already says TERMINATED): an error is
+    `error`, a trial still running or pending is `unfinished`, a terminated one short of
+    train.max_steps was `stopped` by the scheduler.
     """
-    interrupted = result_grid.num_terminated + result_grid.num_errors < len(result_grid)
-    short = "unfinished" if interrupted else "stopped"
+    from ray.tune import ExperimentAnalysis
+
+    saved = {t.trial_id: t.status for t in ExperimentAnalysis(experiment_path).trials}
     rows = []
     for result in result_grid:
         trial = Path(result.path).name  # trial dirs are named by trial id (see cli.trial_name)
         params = dict((result.config or {}).get("params", {}))
         metrics = {k: v for k, v in (result.metrics or {}).items() if _number(v) is not None}
         step = int(metrics.get("step", 0))
-        if result.error is not None:
+        if result.error is not None or saved.get(trial) == "ERROR":
             status = "error"
+        elif saved.get(trial) != "TERMINATED":
+            status = "unfinished"
         else:
-            status = "completed" if step >= plan.trial_config(trial, params).train.max_steps else short
+            status = "completed" if step >= plan.trial_config(trial, params).train.max_steps else "stopped"
         rows.append({"trial": trial, "status": status, "step": step, "params": params,
                      "objective": _number(metrics.get("objective")),
                      "metrics": {k: v for k, v in metrics.items() if k in TABLE_METRICS},
