@@ -10,8 +10,9 @@ Side by side in one process, same dtype and threads: (1) torch.matmul at the mod
 (tokens x C x 3C/C/4C, tokens x 4C x C, tokens x C x V) and one large square GEMM; the peak is the
 fastest of them; (2) TRACE training steps (forward + backward + torch AdamW, no DeepSpeed: the
 trainer's own overhead is benchmarks/trainer_overhead.py) on B full-length documents of T = block_size
-tokens in K segments, so every position is a real, counted token. The matmuls are timed before
-and after the model so that a change of load on the box shows up as a spread. A torch.profiler pass
+tokens in K segments, so every position is a real, counted token. Every time is the fastest of
+the repeats; the matmuls are timed before and after the model so that a change of load on the
+box shows up as a spread. A torch.profiler pass
 over one step splits the step time by op kind (why MFU is what it is).
 On CUDA the same script runs the model under bf16 autocast and also reports MFU against the GPU's
 nominal dense bf16 peak.
@@ -22,7 +23,6 @@ Goal: mfu_pct >= 40 at the benchmark size (4 layers, n_embd 384, T 256, vocab 40
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import common  # noqa: F401  (first: pins threads)
@@ -54,7 +54,8 @@ def sync(device: torch.device) -> None:
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds per call after one warm-up call."""
+    """Seconds of the fastest of `repeats` calls after one warm-up call (the one least disturbed by
+    other jobs on the box; used alike for the matmuls and the model)."""
     fn()
     times = []
     for _ in range(repeats):
@@ -63,7 +64,7 @@ def timed(fn, device: torch.device, repeats: int) -> float:
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def gemm_shapes(cfg: ModelConfig, vocab: int, tokens: int) -> dict[str, tuple[int, int, int]]:

@@ -9,9 +9,8 @@ gradients are the ones held at step time), each byte once (views into one buffer
   master     the ZeRO optimizer's fp32 partition where it is a separate copy of the parameters;
   grads      .grad of module and optimizer parameters, ZeRO's partitioned gradient buffers;
   optimizer  the torch optimizer's state (AdamW exp_avg, exp_avg_sq, step);
-  buffers    every other tensor the ZeRO optimizer holds (gradient-reduction buckets: with
-             contiguous_gradients they are reduce_bucket_size elements each, allocated, not
-             necessarily touched): reported apart, not part of the goal.
+  buffers    every other tensor the ZeRO optimizer holds at that moment (the reduce_bucket_size
+             gradient buckets are already released by then): reported apart, not in the goal.
 Communication: torch.distributed's collectives are wrapped in the rank processes (before DeepSpeed
 binds them); one whole training step after warm-up is counted, as the payload of each call (the
 full tensor: all-reduce buffer, reduce-scatter input, all-gather output), per rank.
@@ -179,8 +178,7 @@ def rank_main(data: str, model_overrides: list[str], steps: int) -> dict:
             engine.backward(out.loss)
             engine.step()
         counter.on = False
-        results[key] = {"bytes": dict(held), "comm": dict(counter.counts), "n_params": n_params,
-                          "loss": float(out.loss.detach())}
+        results[key] = {"bytes": dict(held), "comm": dict(counter.counts), "n_params": n_params}
         del engine, model, inner, step_fn, held
         gc.collect()
     return results

@@ -25,6 +25,7 @@ def test_trainer_overhead_smoke():
     fig = run("trainer_overhead.py", "--smoke")
     assert fig["train_over_bare_ratio"] > 0
     assert fig["trainer_tokens_per_s"] > 0 and fig["bare_tokens_per_s"] > 0
+    assert fig["bookkeeping_ms_per_step"] >= 0  # step wall time minus the trainer's own step timer
     assert fig["train_over_bare_ratio"] == pytest.approx(fig["trainer_tokens_per_s"] / fig["bare_tokens_per_s"],
                                                          rel=1e-2)
 
