@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-import trace_dist.model  # noqa: F401  (import order: see the report on the config <-> model cycle)
 from trace_dist import evaluate
 
 TINY = "configs/tiny.yaml"

@@ -117,8 +117,9 @@ def _consolidated_state_dict(save_dir: Path, tag: str, meta: dict) -> dict[str, 
     return get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
 
 
-def load_for_inference(path: Path | str, overrides: list[str] | None = None):
-    """An export directory or a DeepSpeed checkpoint -> (model, cfg, tokenizer, vocab), model in eval mode."""
+def load_for_inference(path: Path | str, overrides: list[str] | None = None, configs: tuple = ()):
+    """An export directory or a DeepSpeed checkpoint -> (model, cfg, tokenizer, vocab), model in eval mode.
+    `configs` (YAML files) and `overrides` apply on top of the checkpoint's own config."""
     from tokenizers import Tokenizer
 
     from trace_dist.model import TRACE
@@ -131,7 +132,7 @@ def load_for_inference(path: Path | str, overrides: list[str] | None = None):
         save_dir, tag, meta = locate(path)
         src = save_dir / tag
         state_dict = _consolidated_state_dict(save_dir, tag, meta)
-    cfg = load_config([src / "config.yaml"], overrides)
+    cfg = load_config([src / "config.yaml", *configs], overrides)
     tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
     vocab = Vocab.from_tokenizer(tokenizer)
     model = TRACE(cfg.model, vocab)

@@ -129,7 +129,7 @@ class TraceConfig(_Section):
 
     def deepspeed_config_dict(self, world_size: int = 1) -> dict[str, Any]:
         """ds_config.json patched by the typed keys (the typed keys always win)."""
-        ds = copy.deepcopy(_load_json(_resolve(self.deepspeed_config)))
+        ds = copy.deepcopy(_load_json(resolve_path(self.deepspeed_config)))
         ds["train_micro_batch_size_per_gpu"] = self.train.micro_batch_size
         ds["gradient_accumulation_steps"] = self.train.grad_accum
         ds["train_batch_size"] = self.train.micro_batch_size * self.train.grad_accum * world_size
@@ -172,7 +172,7 @@ class TraceConfig(_Section):
 
 
 # -------------------------------------------------------------------- loading
-def _resolve(path: str | os.PathLike) -> Path:
+def resolve_path(path: str | os.PathLike) -> Path:
     """A path as given, else relative to the repository root (for ds_config.json and configs/)."""
     p = Path(path)
     if p.exists() or p.is_absolute():
@@ -190,8 +190,8 @@ def _load_json(path: Path) -> dict:
         raise ConfigError(f"deepspeed_config: {path} is not valid JSON: {e}") from None
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    path = _resolve(path)
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = resolve_path(path)
     if path in seen:
         raise ConfigError(f"extends: cycle through {path}")
     try:
@@ -205,7 +205,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    base = _read_yaml((path.parent / parent) if not Path(parent).is_absolute() else Path(parent), seen + (path,))
+    base = read_yaml((path.parent / parent) if not Path(parent).is_absolute() else Path(parent), seen + (path,))
     return deep_merge(base, data)
 
 
@@ -269,6 +269,6 @@ def load_config(paths: list[str | os.PathLike] | str | None = None, overrides: l
         paths = [paths]
     raw: dict = {}
     for p in paths or []:
-        raw = deep_merge(raw, _read_yaml(Path(p)))
+        raw = deep_merge(raw, read_yaml(Path(p)))
     raw = deep_merge(raw, parse_overrides(overrides or []))
     return build_config(raw)

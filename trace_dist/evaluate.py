@@ -27,12 +27,9 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from trace_dist import metrics
 
-TOKENIZATION = "whitespace-separated words of the decoded text (special tokens removed)"
-TEXT_ORDERS = (2, 3, 4)
 
 
 # ------------------------------------------------------------------------------ seeding
@@ -75,24 +72,6 @@ def prior_chunk(model, start: int, count: int, seed: int, gen, device, segment: 
 # ------------------------------------------------------------------------------ text
 def text_of(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def words(text: str) -> list[str]:
-    """The tokenisation of every text metric (TOKENIZATION)."""
-    return text.split()
-
-
-def text_metrics(samples: list[list[str]], references: list[list[str]], paired: bool) -> dict[str, float]:
-    """BLEU-n vs the references (paired: each sample vs its own), Self-BLEU-n, Distinct-n, length."""
-    out: dict[str, float] = {}
-    bleu = metrics.paired_bleu if paired else metrics.bleu
-    for n in TEXT_ORDERS:
-        out[f"bleu_{n}"] = bleu(samples, references, n)
-        out[f"self_bleu_{n}"] = metrics.self_bleu(samples, n)
-    for n in range(1, 5):
-        out[f"distinct_{n}"] = metrics.distinct(samples, n)
-    out["len_mean"] = metrics.len_mean(samples)
-    return out
 
 
 # ------------------------------------------------------------------------------ collectives
@@ -240,7 +219,8 @@ def generation_pass(model, rows: list[dict], cfg, num_samples: int, seed: int, d
     produced = sorted(all_gather_list(produced), key=lambda p: p[0])
     samples = [text_of(tokenizer, ids) for _, ids, _ in produced if ids is not None]
     references = [text_of(tokenizer, ref) for _, _, ref in produced if ref is not None]
-    out = text_metrics([words(t) for t in samples], [words(t) for t in references], paired=model.cfg.conditional)
+    out = metrics.text_metrics([metrics.words(t) for t in samples], [metrics.words(t) for t in references],
+                               paired=model.cfg.conditional)
     return {"metrics": out, "samples": samples}
 
 
@@ -260,32 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def flatten_yaml(path: str) -> list[str]:
-    """An extra YAML file as dotted overrides (applied on top of the checkpoint's config)."""
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise SystemExit(f"--config {path}: {e}")
-    if not isinstance(data, dict):
-        raise SystemExit(f"--config {path}: top level must be a mapping")
-
-    def walk(node: dict, prefix: str):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                yield from walk(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}=" + yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
-    return list(walk(data, ""))
-
-
 def load(args, extra: list[str]):
     """(model, cfg, tokenizer, vocab) with --config files and overrides applied; model.* cannot change."""
     from trace_dist.checkpoint import load_for_inference
 
-    overrides = [o for c in args.config for o in flatten_yaml(c)] + list(extra)
-    if getattr(args, "data", None):
-        overrides.append(f"data.path={args.data}")
-    return load_for_inference(args.checkpoint, overrides)
+    overrides = list(extra) + ([f"data.path={args.data}"] if getattr(args, "data", None) else [])
+    return load_for_inference(args.checkpoint, overrides, configs=tuple(args.config))
 
 
 def run_dir_of(checkpoint: str) -> Path:
@@ -329,7 +289,7 @@ def evaluate(args, extra: list[str]) -> Optional[dict]:
         "checkpoint": str(Path(args.checkpoint).resolve()),
         "split": split, "iw_samples": iw, "num_samples": len(generated["samples"]), "seed": seed,
         "world_size": info.world_size, "wall_time_s": round(time.time() - start, 2),
-        "tokenization": TOKENIZATION,
+        "tokenization": metrics.TOKENIZATION,
         "token_count": "decoder-predicted tokens: segment tokens incl. each sep and the final eos; no bos/prompt",
         "mi": "He et al. MI of the first segment's innovation u_1 over all documents; mi_per_segment[k]: "
               "of u_k over the documents that have segment k (positions at least two documents have)",

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from trace_dist.evaluate import flatten_yaml, prior_chunk, seeded_generator, text_of
+from trace_dist.evaluate import prior_chunk, seeded_generator, text_of
 
 
 def posterior_mean(model, text: str, tokenizer, cfg, vocab, device) -> torch.Tensor:
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args) -> list[str]:
-    out = [o for c in args.config for o in flatten_yaml(c)] + list(args.overrides)
+    out = list(args.overrides)
     for flag, key in (("top_p", "top_p"), ("top_k", "top_k"), ("temperature", "temperature"),
                       ("max_new_tokens", "max_new_tokens")):
         if getattr(args, flag) is not None:
@@ -91,7 +91,7 @@ def run(args) -> list[dict]:
 
     from trace_dist.checkpoint import load_for_inference
 
-    model, cfg, tokenizer, vocab = load_for_inference(args.checkpoint, _overrides(args))
+    model, cfg, tokenizer, vocab = load_for_inference(args.checkpoint, _overrides(args), configs=tuple(args.config))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     common = dict(gen=cfg.generation, segment=cfg.data.segment, latent_path=args.latent_path)

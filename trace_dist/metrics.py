@@ -309,3 +309,29 @@ def distinct(samples: Sequence[Sequence[str]], n: int) -> float:
 def len_mean(samples: Sequence[Sequence[str]]) -> float:
     _check_corpus(samples, "len_mean samples")
     return sum(len(s) for s in samples) / len(samples)
+
+
+# ------------------------------------------------------------------------------ text metrics of samples
+TOKENIZATION = "whitespace-separated words of the decoded text (special tokens removed)"
+TEXT_ORDERS = (2, 3, 4)
+
+
+def words(text: str) -> list[str]:
+    """The tokenisation of every text metric (TOKENIZATION)."""
+    return text.split()
+
+
+def text_metrics(samples: list[list[str]], references: Optional[list[list[str]]] = None,
+                 paired: bool = False) -> dict[str, float]:
+    """BLEU-n vs the references (paired: each sample vs its own; skipped without references),
+    Self-BLEU-n (needs 2 samples), Distinct-n, mean length."""
+    out: dict[str, float] = {}
+    for n in TEXT_ORDERS:
+        if references:
+            out[f"bleu_{n}"] = (paired_bleu if paired else bleu)(samples, references, n)
+        if len(samples) >= 2:
+            out[f"self_bleu_{n}"] = self_bleu(samples, n)
+    for n in range(1, 5):
+        out[f"distinct_{n}"] = distinct(samples, n)
+    out["len_mean"] = len_mean(samples)
+    return out

@@ -284,11 +284,11 @@ class Trainer:
             "val_examples": sums[3].item(),
         }
         step = self.state["step"]
+        if cfg.train.samples_to_log:
+            metrics.update(self._samples(step))
         self.tb.scalars(metrics, step, prefix="val/")
         self.tb.scalars({f"segment_{k:02d}": v for k, v in enumerate(kl_seg) if seg_n[k] > 0}, step,
                         prefix="val/kl_per_segment/")
-        if cfg.train.samples_to_log:
-            metrics.update(self._samples(step))
         self._jsonl("val_metrics.jsonl", dict(metrics, step=step))
         self.log(f"step {step}: val loss {metrics['val_loss']:.4f}  rec {metrics['val_rec']:.4f}  "
                  f"kl {metrics['val_kl']:.3f}  ppl<= {metrics['val_ppl_bound']:.2f}")
@@ -297,15 +297,19 @@ class Trainer:
         return metrics
 
     def _samples(self, step: int) -> dict:
-        """Every rank generates the same samples (ZeRO-3 needs all ranks in the forward); rank 0 logs."""
+        """Every rank generates the same samples (ZeRO-3 needs all ranks in the forward); rank 0 logs
+        them and their diversity (Distinct-n, Self-BLEU-n: what Tune trades against quality)."""
+        from trace_dist import metrics
+
         gen = torch.Generator(device=self.dist.device).manual_seed(self.cfg.train.seed + step)
         ids = self.engine.module.generate(num=self.cfg.train.samples_to_log, gen=self.cfg.generation,
                                           generator=gen, segment=self.cfg.data.segment)
-        texts = [self.tokenizer.decode(x) for x in ids]
+        texts = [self.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
         self.tb.text("samples", "\n\n".join(f"{i}. {t}" for i, t in enumerate(texts)), step)
         for t in texts:
             self._jsonl("samples.jsonl", {"step": step, "text": t})
-        return {"sample_len_mean": sum(map(len, ids)) / max(len(ids), 1)}
+        diversity = metrics.text_metrics([metrics.words(t) for t in texts])
+        return {f"sample_{k}" if k == "len_mean" else k: v for k, v in diversity.items()}
 
 
 def run_training(cfg: TraceConfig, report: Optional[Report] = None) -> dict:

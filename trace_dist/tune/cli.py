@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from trace_dist.config import ConfigError, TraceConfig, _resolve
+from trace_dist.config import ConfigError, TraceConfig, resolve_path
 from trace_dist.tune.results import (best_row, collect, format_table, mark_pareto, plot_pareto, write_hparams,
                                      write_results)
 from trace_dist.tune.spec import SearchConfig, apply, load_search, num_samples, param_space
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def absolute_paths(cfg: TraceConfig) -> TraceConfig:
     """Ray workers run in other directories (and on other nodes): pin every path of the base."""
     updates = {"data.path": str(Path(cfg.data.path).resolve()),
-               "deepspeed_config": str(_resolve(cfg.deepspeed_config).resolve())}
+               "deepspeed_config": str(resolve_path(cfg.deepspeed_config).resolve())}
     if cfg.model.init_from:
         updates["model.init_from"] = str(Path(cfg.model.init_from).resolve())
     return apply(cfg, updates)

@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from trace_dist.config import ConfigError, TraceConfig, _read_yaml, build_config, deep_merge, load_config
+from trace_dist.config import ConfigError, TraceConfig, read_yaml, build_config, deep_merge, load_config
 
 PRIMITIVES = ("choice", "uniform", "loguniform", "randint", "grid")
 
@@ -240,7 +240,7 @@ def _format(e: ValidationError, where: str) -> str:
 def load_search(path: str | Path) -> tuple[SearchConfig, TraceConfig]:
     """Parse + validate the search file, its base config and its space. Raises ConfigError."""
     path = Path(path)
-    raw = _read_yaml(path)  # the training configs' reader: same errors, same `extends:`
+    raw = read_yaml(path)  # the training configs' reader: same errors, same `extends:`
     try:
         spec = SearchConfig.model_validate(raw)
     except ValidationError as e:
