@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 
-import common  # noqa: F401  (first: pins threads)
+import common  # first: pins threads
 import torch
 
 from trace_dist.model import TRACE

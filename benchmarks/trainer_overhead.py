@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (first: pins threads, DS_ACCELERATOR)
+import common  # first: pins threads, DS_ACCELERATOR
 import torch
 
 from trace_dist.config import load_config

@@ -28,7 +28,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-import common  # noqa: F401  (first: pins threads, DS_ACCELERATOR, tests/ on sys.path)
+import common  # first: pins threads, DS_ACCELERATOR, tests/ on sys.path
 import torch
 
 # key -> (ZeRO stage, zero_optimization patch): the four stages as ds_config.json has them, then two
