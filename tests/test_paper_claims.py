@@ -129,3 +129,11 @@ def test_gpt2_assets_shift_vocab_and_weights(tmp_path):
     assert tokenizer.decode(tokenizer.encode(text).ids) == text
     model = TRACE(tiny_config(init_from=str(dst)), vocab)
     assert torch.equal(model.wte.weight[4:], hf.transformer.wte.weight)
+
+
+def test_paired_path_speed_times_both_paths_on_real_batches(tiny_data):
+    speed = paper_claims.paired_path_speed(REPO / "configs" / "claims.yaml", tiny_data,
+                                           list(paper_claims.SMOKE_OVERRIDES), rounds=2)
+    assert set(speed["seconds_per_step"]) == set(paper_claims.TRACE_PATHS)
+    assert all(t > 0 for t in speed["seconds_per_step"].values()) and speed["speedup"] > 0
+    assert speed["rounds"] == 2
