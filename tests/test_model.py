@@ -5,14 +5,9 @@ import math
 import pytest
 import torch
 
-from test_model_helpers import VOCAB, make_batch, random_batch, random_segments, tiny_config
+from test_model_helpers import build, VOCAB, make_batch, random_batch, random_segments, tiny_config
 from trace_dist.model import TRACE, TraceOutput
 from trace_dist.model.latent import Latent, latent_path, layer_norm_fixed
-
-
-def build(seed=0, **overrides) -> TRACE:
-    torch.manual_seed(seed)
-    return TRACE(tiny_config(**overrides), VOCAB)
 
 
 # ---------------------------------------------------------------------------- output contract
@@ -324,3 +319,21 @@ def test_tiny_model_overfits_a_batch():
     assert first > math.log(30)                   # starts near uniform over the vocabulary
     assert rec_per_token < 0.5, rec_per_token     # memorised (uniform would be ~3.9 nats)
     assert out.kl_sum / 12 >= model.latent.kl_floor * (1 - 1e-6)  # and the KL floor survived training
+
+
+def test_latent_model_starts_as_the_plain_lm():
+    """Zero-initialised injection: before training, z (noise until the encoder learns) cannot move the
+    decoder, so a fresh latent model predicts exactly like a fresh LM with the same backbone. (With
+    `memory` injection the zero slot still takes a share of attention, as an attention sink would.)"""
+    torch.manual_seed(0)
+    lm = TRACE(tiny_config(latent="none"), VOCAB)
+    torch.manual_seed(0)
+    vae = TRACE(tiny_config(inject="embedding"), VOCAB)
+    vae.load_state_dict(lm.state_dict(), strict=False)
+    batch = random_batch(seed=3, B=2, max_k=3)
+    inp = lm.decoder_input(batch["tokens"])
+    pos = torch.arange(inp.shape[1])
+    z = torch.randn(2, 3, vae.cfg.latent_size) * 5
+    assert torch.equal(vae.decode(inp, pos, batch["seg_ids"], z), lm.decode(inp, pos, batch["seg_ids"], None))
+    grads = torch.autograd.grad(vae(batch).loss, [vae.injection.embedding.weight])
+    assert grads[0].abs().sum() > 0  # ... but the coupling can grow

@@ -4,17 +4,12 @@ per-row stopping, reconstruction from the posterior, and every switch builds, tr
 import pytest
 import torch
 
-from test_model_helpers import VOCAB, make_batch, random_batch, random_segments, tiny_config
+from test_model_helpers import build, VOCAB, make_batch, random_batch, random_segments, tiny_config
 from trace_dist.model.config import GenerationConfig
 from trace_dist.model import TRACE
 from trace_dist.model.generation import filter_logits, next_token
 
 GREEDY = GenerationConfig(greedy=True, max_new_tokens=14)
-
-
-def build(seed=0, **overrides) -> TRACE:
-    torch.manual_seed(seed)
-    return TRACE(tiny_config(**overrides), VOCAB)
 
 
 @pytest.mark.parametrize("overrides,segment", [
@@ -85,7 +80,7 @@ def test_overfit_model_stops_on_eos_and_reconstructs_from_posterior():
     texts = [random_segments(gen, 2, 3, 5) for _ in range(4)]
     batch = make_batch(texts)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
+    for _ in range(300):
         out = model(batch)
         opt.zero_grad()
         out.loss.backward()

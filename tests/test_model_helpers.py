@@ -62,3 +62,16 @@ def random_batch(seed: int = 0, B: int = 3, max_k: int = 4, conditional: bool = 
     prompts = [torch.randint(4, VOCAB.size, (int(torch.randint(1, 4, (1,), generator=gen)),),
                              generator=gen).tolist() for _ in ks] if conditional else None
     return make_batch(examples, prompts, **kw)
+
+
+def build(seed: int = 0, **overrides):
+    """A tiny TRACE whose latent injection is non-zero, as after training: it starts at zero (the
+    model starts as the plain LM), and the structural tests must see z reach the decoder."""
+    from trace_dist.model import TRACE
+
+    torch.manual_seed(seed)
+    model = TRACE(tiny_config(**overrides), VOCAB)
+    if model.injection is not None:
+        for p in model.injection.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+    return model

@@ -95,6 +95,13 @@ class Injection(nn.Module):
         self.n_layer, self.n_embd = L, C
         self.memory = nn.Linear(d, L * 2 * C) if cfg.inject in ("memory", "both") else None
         self.embedding = nn.Linear(d, C) if cfg.inject in ("embedding", "both") else None
+        # Zero init: the model starts as the plain LM, so latents that carry no information yet
+        # (pure noise at first) cannot perturb the decoder; d loss/dW = grad (x) z still lets the
+        # coupling grow as soon as z says something about the text.
+        for layer in (self.memory, self.embedding):
+            if layer is not None:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def slots(self, z: torch.Tensor) -> Optional[torch.Tensor]:
         """[B, K, d] -> per-layer key and value [B, K, n_layer, 2, C]."""
@@ -136,9 +143,10 @@ class TRACE(nn.Module):
         # share_blocks: the decoder's blocks also encode (DELLA); they are not registered twice.
         self.encoder = Stack(cfg) if self.has_latent and not cfg.share_blocks else None
         self.pooling = Pooling(cfg) if self.has_latent else None
-        self.injection = Injection(cfg) if self.has_latent else None
         init_weights(self, cfg.n_layer)
-        self.latent = Latent(cfg) if self.has_latent else None  # after init_weights: it inits itself
+        # after init_weights: these two initialise themselves
+        self.injection = Injection(cfg) if self.has_latent else None
+        self.latent = Latent(cfg) if self.has_latent else None
         if cfg.init_from:
             from trace_dist.model.gpt2 import load_gpt2
             load_gpt2(self, cfg.init_from)
