@@ -1,6 +1,9 @@
 """The trainer on real DeepSpeed engines and gloo ranks (spawned in-process, no launcher)."""
 
 import json
+import os
+import shutil
+import time
 
 import pytest
 
@@ -29,10 +32,27 @@ def _train(data, out, extra):
 
 
 def _train_stages(data, root, ds_config):
-    """One process group, four engines: ZeRO 0, 1, 2, 3 on the same data and seed."""
+    """One process group, several engines on the same data and seed: ZeRO 0, 1, 2, 3, ZeRO-2 with
+    the optimizer offloaded to CPU, then ZeRO-3 resumed from its step-2 checkpoint."""
+    common = ["train.max_steps=4", "train.samples_to_log=1", "checkpoint.interval=2", f"deepspeed_config={ds_config}"]
     for stage in (0, 1, 2, 3):
-        _train(data, root / f"z{stage}", [f"zero.stage={stage}", "train.max_steps=4", "train.samples_to_log=1",
-                                          f"deepspeed_config={ds_config}"])
+        _train(data, root / f"z{stage}", [f"zero.stage={stage}", *common])
+    _train(data, root / "z2offload", ["zero.stage=2", "zero.offload_optimizer=true", *common])
+    resumed = root / "z3resumed"
+    if int(os.environ["RANK"]) == 0:
+        shutil.copytree(root / "z3", resumed)
+        (resumed / "checkpoints" / "latest").write_text("step00000002")
+    _barrier_via_files(root, "copied")
+    _train(data, resumed, ["zero.stage=3", *common])
+
+
+def _barrier_via_files(root, name):
+    """Rank 1 waits for rank 0's file operation (no process group exists between runs)."""
+    marker = root / f".{name}"
+    if int(os.environ["RANK"]) == 0:
+        marker.touch()
+    while not marker.exists():
+        time.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -42,13 +62,32 @@ def test_zero_stages_give_the_same_losses(tiny_data, tmp_path):
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     run_ranks(_train_stages, 2, tiny_data, tmp_path, tmp_path / "ds.json", tmp_path=tmp_path)
-    z = {s: curve(tmp_path / f"z{s}") for s in (0, 1, 2, 3)}
+    z = {s: curve(tmp_path / f"z{s}") for s in (0, 1, 2, 3, "2offload", "3resumed")}
     assert len(z[0]) == 4
-    assert z[0] == z[1] == z[2]  # fp32, torch AdamW: bitwise
+    assert z[0] == z[1] == z[2] == z["2offload"]  # fp32, torch AdamW: bitwise
     assert z[3] == pytest.approx(z[0], rel=1e-5)
+    assert z["3resumed"] == pytest.approx(z[3], rel=1e-5)  # steps 3-4 re-run from the step-2 checkpoint
     val = [json.loads((tmp_path / f"z{s}" / "val_metrics.jsonl").read_text().splitlines()[-1])
            for s in (0, 3)]
     assert val[0]["val_loss"] == pytest.approx(val[1]["val_loss"], rel=1e-5)
+    # keep_last=2: the step-2 and step-4 checkpoints; ZeRO-0 weights load for inference without pickle
+    assert sorted(p.name for p in (tmp_path / "z0" / "checkpoints").iterdir()) == \
+        ["latest", "step00000002", "step00000004"]
+    from trace_dist.checkpoint import load_for_inference
+
+    model, *_ = load_for_inference(tmp_path / "z0")
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_gradient_accumulation_consumes_grad_accum_batches_per_step(tiny_data, tmp_path):
+    result, = run_ranks(_train, 1, tiny_data, tmp_path / "run",
+                        ["train.max_steps=2", "train.grad_accum=3", "train.samples_to_log=0", "checkpoint.interval=1",
+                         "checkpoint.keep_last=1"], tmp_path=tmp_path)
+    assert result["step"] == 2 and result["data_position"] == 6
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and records[1]["lr"] != records[0]["lr"]
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if not p.name.endswith(".py"))
+    assert kept == ["latest", "step00000002"]  # keep_last=1 pruned step 1
 
 
 def test_activation_checkpointing_gives_identical_losses(tiny_data, tmp_path):

@@ -108,10 +108,10 @@ def to_universal(save_dir: Path, tag: str, is_main: bool) -> str:
 # ------------------------------------------------------------------ inference loading and export
 def _consolidated_state_dict(save_dir: Path, tag: str, meta: dict) -> dict[str, torch.Tensor]:
     if meta.get("zero_stage", 0) == 0:
-        # ZeRO-0 keeps the whole module in DeepSpeed's model-states file (DeepSpeed's own pickle
-        # format: files this trainer wrote; exports below are pickle-free safetensors).
-        states = torch.load(save_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        # ZeRO-0 keeps the whole module in DeepSpeed's model-states file; it loads without pickle.
+        states = torch.load(save_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
         return {k: v.float() for k, v in states["module"].items()}
+    # ZeRO 1-3: DeepSpeed's own consolidation reads its partitioned files (with its own loader).
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
