@@ -62,6 +62,8 @@ def save(engine, cfg: TraceConfig, state: dict, tokenizer_file: Path, is_main: b
 
 
 def _prune(save_dir: Path, keep: int, latest: str) -> None:
+    """Keep the newest `keep` complete tags; drop partial tags (a kill while saving) and universal
+    conversions (a cache for one resume, stale once a newer checkpoint exists)."""
     tags = sorted(p for p in save_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
     complete = [p for p in tags if (p / META).exists() and not p.name.endswith("_universal")]
     doomed = set(complete[:-keep]) | {p for p in tags if not (p / META).exists()}

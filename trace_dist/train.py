@@ -89,6 +89,8 @@ class Trainer:
         if resume is not None:
             save_dir, load_tag, meta = resume
             if meta["world_size"] != self.dist.world_size and meta.get("zero_stage", 0) > 0:
+                self.log(f"checkpoint {load_tag} was written by {meta['world_size']} ranks, resuming on "
+                         f"{self.dist.world_size}: converting it to DeepSpeed's universal format")
                 load_tag = checkpoint.to_universal(save_dir, load_tag, self.dist.is_main)
                 ds_config["checkpoint"] = {"load_universal": True}
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
