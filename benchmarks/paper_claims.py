@@ -360,7 +360,7 @@ def write_report(out: Path, rows, agg, verdicts, command: str, wall_s: float, st
     claims = {"a": "TRACE's KL stays above its analytic floor and above zero, while baselines' KL may collapse",
               "b": "TRACE is more diverse (lower Self-BLEU, higher Distinct) at comparable PPL (within 10%)",
               "c": "the parallel (idempotent) path matches the sequential path's quality and trains faster"}
-    md = [f"# Paper claims at CPU scale (benchmarks/paper_claims.py)", "",
+    md = ["# Paper claims at CPU scale (benchmarks/paper_claims.py)", "",
           f"Measured {started} on {machine_line()}. Study wall time: {wall_s / 60:.1f} min.", "",
           "Command:", "", f"```\n{command}\n```", "",
           f"Budget (identical for every model): {budget}. Each run: `trace-dist train` then `trace-dist eval "

@@ -3,7 +3,6 @@ tiny data, an injected worker failure retried from its checkpoint, Ctrl-C and --
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
