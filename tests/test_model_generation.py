@@ -4,7 +4,7 @@ per-row stopping, reconstruction from the posterior, and every switch builds, tr
 import pytest
 import torch
 
-from test_model_helpers import build, VOCAB, make_batch, random_batch, random_segments, tiny_config
+from model_batches import build, VOCAB, make_batch, random_batch, random_segments, tiny_config
 from trace_dist.model.config import GenerationConfig
 from trace_dist.model import TRACE
 from trace_dist.model.generation import filter_logits, next_token

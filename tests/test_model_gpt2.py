@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from test_model_helpers import tiny_config
+from model_batches import tiny_config
 from trace_dist.model import TRACE
 from trace_dist.vocab import Vocab
 

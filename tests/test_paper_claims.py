@@ -105,7 +105,7 @@ def test_gpt2_assets_shift_vocab_and_weights(tmp_path):
 
     from trace_dist.data import load_tokenizer
     from trace_dist.model import TRACE
-    from test_model_helpers import tiny_config
+    from model_batches import tiny_config
 
     sys.path.insert(0, str(REPO / "configs" / "paper"))
     import gpt2_assets
