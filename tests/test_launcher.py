@@ -1,6 +1,7 @@
 """`trace-dist train` through the real `deepspeed` launcher: multi-process, multi-node, kills, resume,
 TensorBoard read back. CPU/gloo, tiny config."""
 
+import glob
 import json
 import random
 import shutil
@@ -147,6 +148,7 @@ def test_simulated_two_nodes_match_one_node(tiny_data, reference, tmp_path):
 @pytest.mark.slow
 def test_sigkill_then_resume_reproduces_the_curve(tiny_data, reference, tmp_path):
     out = tmp_path / "run"
+    shm_before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
     proc = subprocess.Popen(train_cmd(tiny_data, out, "--nproc", "2"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     # from step 3 on the step-2 checkpoint is complete (it is saved before step 3 runs)
@@ -154,6 +156,8 @@ def test_sigkill_then_resume_reproduces_the_curve(tiny_data, reference, tmp_path
     for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
         p.kill()
     proc.wait()
+    # DeepSpeed's CPU comm buffers are unlinked right after start-up, so even SIGKILL leaks no RAM
+    assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= shm_before
     killed_at = len(curve(out))
     assert killed_at < 8
     r = run(train_cmd(tiny_data, out, "--nproc", "2"))

@@ -48,6 +48,8 @@ def init_distributed() -> DistInfo:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()
+    if backend() == "gloo" and world > 1:
+        _unlink_deepspeed_shm(rank)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -55,6 +57,19 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
     return DistInfo(rank, local_rank, world, device)
+
+
+def _unlink_deepspeed_shm(rank: int) -> None:
+    """DeepSpeed's CPU comm op creates a 69 MB /dev/shm buffer per rank when all ranks share a node
+    (for its inference all-reduce; training never uses it) and never unlinks it: every run, and
+    every killed run, leaked 69 MB per rank of RAM until reboot. Once every rank has mapped every
+    peer's buffer (the end of deepspeed.init_distributed, then this barrier), each rank removes its
+    own name; the mappings stay valid and the kernel frees the memory when the processes exit."""
+    dist.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    if os.path.exists(name):
+        os.unlink(name)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
