@@ -187,8 +187,10 @@ def test_sigterm_checkpoints_and_exits_zero(tiny_data, reference, tmp_path):
 def test_resume_on_fewer_ranks_via_universal_checkpoint(tiny_data, reference, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
+    shm_before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
     r = run(train_cmd(tiny_data, out, "--nproc", "1", extra=["train.max_steps=10"]))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= shm_before  # 1 rank leaks none either
     assert "written by 2 ranks, resuming on 1" in r.stderr and "at step 8" in r.stderr
     assert (out / "checkpoints" / "latest").read_text() == "step00000010"
     # the conversion is a one-resume cache: pruned once the newer checkpoint is complete

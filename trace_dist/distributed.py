@@ -48,7 +48,7 @@ def init_distributed() -> DistInfo:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if backend() == "gloo" and world > 1:
+    if backend() == "gloo":
         _unlink_deepspeed_shm(rank)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if torch.cuda.is_available():
@@ -61,7 +61,8 @@ def init_distributed() -> DistInfo:
 
 def _unlink_deepspeed_shm(rank: int) -> None:
     """DeepSpeed's CPU comm op creates a 69 MB /dev/shm buffer per rank when all ranks share a node
-    (for its inference all-reduce; training never uses it) and never unlinks it: every run, and
+    (LOCAL_SIZE == world size, 1 included; for its inference all-reduce, which training never uses)
+    and never unlinks it: every run, and
     every killed run, leaked 69 MB per rank of RAM until reboot. Once every rank has mapped every
     peer's buffer (the end of deepspeed.init_distributed, then this barrier), each rank removes its
     own name; the mappings stay valid and the kernel frees the memory when the processes exit."""
