@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import time
@@ -62,6 +63,11 @@ class Preemption:
 
 def step_seed(seed: int, rank: int, position: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + position) % (2**63 - 1)
+
+
+def segment_means(kl_sums: torch.Tensor, counts: torch.Tensor) -> dict[int, float]:
+    """Mean KL at each segment position that some example reached: {position: mean}."""
+    return {k: (kl_sums[k] / counts[k]).item() for k in range(len(counts)) if counts[k] > 0}
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -247,8 +253,7 @@ class Trainer:
             "bad_samples": sums[7].item(),
         }
         K = self.cfg.model.max_segments
-        seg_kl, seg_n = sums[8:8 + K], sums[8 + K:]
-        record.update({f"kl_per_segment/{k:02d}": (seg_kl[k] / seg_n[k]).item() for k in range(K) if seg_n[k] > 0})
+        record.update({f"kl_per_segment/{k:02d}": v for k, v in segment_means(sums[8:8 + K], sums[8 + K:]).items()})
         record.update({f"aux/{k}": float(v.detach()) for k, v in out.aux.items()})
         return record
 
@@ -272,25 +277,24 @@ class Trainer:
                                             out.num_examples.double()]).cpu(),
                                out.kl_per_segment_sum.double().cpu(), out.seg_count.double().cpu()])
         sums = all_reduce_sum(sums)
-        rec, kl, tokens, examples = (max(x, 1e-9) for x in sums[:4].tolist())
+        tokens, examples = max(sums[2].item(), 1e-9), max(sums[3].item(), 1e-9)
         nelbo_per_token = (sums[0].item() + sums[1].item()) / tokens
-        seg_n = sums[4 + K:]
-        kl_seg = (sums[4:4 + K] / seg_n.clamp(min=1)).tolist()
+        latent = self.engine.module.latent
         metrics = {
             "val_loss": nelbo_per_token,
             "val_rec": sums[0].item() / tokens,
             "val_kl": sums[1].item() / examples,
             "val_elbo": -(sums[0].item() + sums[1].item()) / examples,
-            "val_ppl_bound": float(torch.tensor(nelbo_per_token).exp()),
-            "val_kl_floor_per_segment": float(out.kl_floor) if examples >= 1 else 0.0,
+            "val_ppl_bound": math.exp(nelbo_per_token),
+            "val_kl_floor_per_segment": 0.0 if latent is None else latent.kl_floor,
             "val_examples": sums[3].item(),
         }
         step = self.state["step"]
         if cfg.train.samples_to_log:
             metrics.update(self._samples(step))
         self.tb.scalars(metrics, step, prefix="val/")
-        self.tb.scalars({f"segment_{k:02d}": v for k, v in enumerate(kl_seg) if seg_n[k] > 0}, step,
-                        prefix="val/kl_per_segment/")
+        self.tb.scalars({f"segment_{k:02d}": v for k, v in segment_means(sums[4:4 + K], sums[4 + K:]).items()},
+                        step, prefix="val/kl_per_segment/")
         self._jsonl("val_metrics.jsonl", dict(metrics, step=step))
         self.log(f"step {step}: val loss {metrics['val_loss']:.4f}  rec {metrics['val_rec']:.4f}  "
                  f"kl {metrics['val_kl']:.3f}  ppl<= {metrics['val_ppl_bound']:.2f}")
