@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from trace_dist.errors import UserError
+
 COMMANDS = {
     "prepare": ("trace_dist.data.prepare", "text corpora -> tokenized, segmented WebDataset shards"),
     "train": ("trace_dist.launch", "validate a config, then start DeepSpeed training via the launcher"),
@@ -41,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trace-dist: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except UserError as e:  # the user's input, not our bug: one line, no traceback
+        print(f"trace-dist {name}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

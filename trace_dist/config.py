@@ -21,12 +21,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trace_dist.data.config import DataConfig
+from trace_dist.errors import UserError
 from trace_dist.model.config import GenerationConfig, ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the field. The CLI exits 2 on it."""
 
 

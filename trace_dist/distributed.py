@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -81,6 +82,19 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     buf = t.detach().to(comm_device, torch.float64)
     dist.all_reduce(buf)
     return buf.to(t.device)
+
+
+def all_reduce_named(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum named tensors over ranks in one float64 collective (names sorted, so every rank packs the
+    same layout); returns float64 CPU tensors of the original shapes, by name."""
+    names = sorted(values)
+    parts = [values[k].detach().to("cpu", torch.float64).reshape(-1) for k in names]
+    flat = all_reduce_sum(torch.cat(parts)) if parts else torch.zeros(0, dtype=torch.float64)
+    out, offset = {}, 0
+    for name, part in zip(names, parts):
+        out[name] = flat[offset:offset + part.numel()].reshape(values[name].shape)
+        offset += part.numel()
+    return out
 
 
 def barrier() -> None:
