@@ -105,7 +105,8 @@ def latent_path(u: torch.Tensor, w: torch.Tensor, z_init: Optional[torch.Tensor]
             zs.append(prev)
         z = torch.stack(zs, dim=1)
     elif path == "parallel":  # W^2 = W  =>  z_k = u_k + W (z_0 + sum_{j<k} u_j): one cumsum, one matmul
-        excl = torch.cumsum(u, dim=1) - u                                 # exclusive prefix sum [B, K, d]
+        # exclusive prefix sum [B, K, d]; not cumsum(u) - u, which would round m_k with u_k (non-causal)
+        excl = torch.cat([torch.zeros_like(u[:, :1]), torch.cumsum(u[:, :-1], dim=1)], dim=1)
         m = (excl + z0[:, None]) @ w.T
         return m + u, m
     elif path == "scan":      # exact for any W: Hillis-Steele scan over affine maps z -> A z + b
