@@ -1,6 +1,7 @@
-"""Pinned densities: for every prior x posterior switch, the latent module's sample, per-segment KL
-and log p(z) - log q(z|x) equal a segment-by-segment reference built here from torch.distributions
-(float64, 1e-10), and the importance-weighted bound of a tiny model equals a brute-force computation.
+"""Pinned densities: for every prior x posterior switch, the latent module's sample, per-segment KL,
+log p(z) - log q(z|x) and prior samples equal a segment-by-segment reference built here from
+torch.distributions (float64, 1e-10), and the importance-weighted bound of a tiny model equals a
+brute-force computation.
 
 The references read the model's parameters (W, P, Q, g, the posterior heads) but none of its
 density code: each prior and posterior is written out from its definition in docs/model.md.
@@ -29,8 +30,9 @@ def _linear(layer, x):
     return x @ layer.weight.T + layer.bias
 
 
-def reference(lat: Latent, h, h_prompt, mu, logvar_q, eps, num_segments):
-    """Segment-by-segment z, KL and log p(z) - log q(z|x) per dimension, [B, K, d] each (0 past K_b)."""
+def reference(lat: Latent, h, h_prompt, mu, logvar_q, eps, num_segments, from_prior=False):
+    """Segment-by-segment z ~ q (from_prior: z ~ p), KL and log p(z) - log q(z|x) per dimension, [B, K, d]
+    each (0 past K_b)."""
     cfg = lat.cfg
     B, K, d = mu.shape
     w = lat.weight(torch.float64) if lat.transition is not None else None
@@ -53,7 +55,7 @@ def reference(lat: Latent, h, h_prompt, mu, logvar_q, eps, num_segments):
             post_mean = prior_mean + mu[b, k] if cfg.posterior == "residual" else mu[b, k]
             p = Normal(prior_mean, torch.exp(0.5 * prior_logvar))
             q = Normal(post_mean, torch.exp(0.5 * logvar_q[b, k]))
-            z[b, k] = post_mean + q.scale * eps[b, k]
+            z[b, k] = (p if from_prior else q).loc + (p if from_prior else q).scale * eps[b, k]
             kl[b, k] = kl_divergence(q, p)
             ratio[b, k] = p.log_prob(z[b, k]) - q.log_prob(z[b, k])
             prev = z[b, k]
@@ -84,6 +86,10 @@ def test_latent_densities_equal_torch_distributions(switch):
         torch.testing.assert_close(s.z[mask], z[mask], rtol=0, atol=1e-10, msg=f"z, {path}")
         torch.testing.assert_close(s.kl, kl, rtol=0, atol=1e-10, msg=f"KL, {path}")
         torch.testing.assert_close(s.log_ratio, ratio, rtol=0, atol=1e-10, msg=f"log p - log q, {path}")
+        # prior samples (generation) given the same text features
+        z_prior = reference(lat, h, hp, mu, logvar_q, eps, num, from_prior=True)[0]
+        torch.testing.assert_close(lat.sample_prior(eps, hp, path, h=h)[mask], z_prior[mask], rtol=0, atol=1e-10,
+                                   msg=f"prior sample, {path}")
 
 
 @pytest.mark.parametrize("switch", [dict(), dict(prior="context", posterior="standard", prior_variance="learned"),
