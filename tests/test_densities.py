@@ -11,9 +11,9 @@ import math
 
 import pytest
 import torch
+from model_batches import build, random_batch, tiny_config
 from torch.distributions import Normal, kl_divergence
 
-from model_batches import build, random_batch, tiny_config
 from trace_dist.model.latent import LOGVAR_BOUND, Latent
 
 SWITCHES = [dict(prior=p, posterior=q) for p in ("recurrent", "independent", "context", "paper")
