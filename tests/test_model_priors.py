@@ -113,6 +113,17 @@ def test_full_model_loss_equal_across_paths(switch):
     assert abs(losses["scan"] - losses["sequential"]) < 1e-10
 
 
+@pytest.mark.parametrize("switch", [CGD, IND, dict(prior="paper"), dict(prior="paper", posterior="standard"),
+                                    dict(latent="single", **dict(IND, posterior_norm="bn_vae"))],
+                         ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_every_latent_parameter_learns(switch):
+    """No new module is dead weight: the loss reaches every parameter of the latent part."""
+    model = build(**switch)
+    model(random_batch(seed=6)).loss.backward()
+    dead = [n for n, p in model.latent.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not dead, dead
+
+
 # ---------------------------------------------------------------------------- generation
 NEEDS_GENERATION_PATCH = pytest.mark.xfail(
     strict=True, reason="trace_dist/model/generation.py draws only 'context' priors segment by segment, with unit "

@@ -32,7 +32,7 @@ class TraceOutput:
     num_examples: torch.Tensor        # int64, real (non-padding) examples
     kl_per_segment_sum: torch.Tensor  # [max_segments] KL summed over examples at each segment index
     seg_count: torch.Tensor           # [max_segments] int64, examples having that segment
-    kl_floor: float                   # analytic per-segment floor d * gamma^2 / 2 (LayerNorm), else 0
+    kl_floor: float                   # analytic per-segment floor d * gamma^2 / 2 where it holds, else 0
     aux: dict = field(default_factory=dict)
 
 
