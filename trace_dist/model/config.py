@@ -25,8 +25,15 @@ class ModelConfig(BaseModel):
     # --- latent variables ---
     latent: Literal["none", "single", "segments"] = "segments"
     latent_size: int = Field(32, ge=1)
-    prior: Literal["recurrent", "independent", "context"] = "recurrent"
-    posterior_norm: Literal["layernorm", "batchnorm", "none"] = "layernorm"
+    prior: Literal["recurrent", "independent", "context", "paper"] = Field(
+        "recurrent", description="prior mean of z_k: W z_{k-1} | 0 | P h_{k-1} | W z_{k-1} + P h_{k-1} (docs/model.md)")
+    posterior: Literal["residual", "standard"] = Field(
+        "residual", description="q mean: prior mean + mu_k (TRACE, shared mean) | mu_k alone (the literature's VAEs)")
+    prior_variance: Literal["fixed", "learned"] = Field(
+        "fixed", description="prior variance I, or exp(Q h_{k-1}) from the text so far (context/paper priors)")
+    posterior_norm: Literal["layernorm", "batchnorm", "bn_vae", "none"] = Field(
+        "layernorm", description="on mu_k: fixed-gain LN (floor per segment) | BN, fixed gain | BN-VAE: fixed gain, "
+                                 "learned shift | none")
     ln_gamma: float = Field(0.5, gt=0.0, description="fixed LayerNorm gain: KL floor d*gamma^2/2 per segment")
     idempotent: Literal["projector", "oblique", "penalty", "free"] = "projector"
     idempotent_rank: Optional[int] = Field(None, ge=1, description="rank of W (projector/oblique); default d/2")
@@ -47,9 +54,15 @@ class ModelConfig(BaseModel):
         if self.idempotent_rank is not None and self.idempotent_rank > self.latent_size:
             raise ValueError(f"idempotent_rank ({self.idempotent_rank}) must be <= latent_size ({self.latent_size})")
         if self.latent_path == "parallel" and self.idempotent == "free" and self.latent == "segments" \
-                and self.prior == "recurrent":
+                and self.prior in ("recurrent", "paper") and self.posterior == "residual":
             raise ValueError("latent_path 'parallel' needs an idempotent W: use idempotent projector/oblique/penalty, "
                              "or latent_path 'scan' for a free W")
+        if self.prior_variance == "learned" and self.prior not in ("context", "paper"):
+            raise ValueError(f"prior_variance 'learned' needs a prior that reads the text (context or paper), "
+                             f"got prior {self.prior!r}")
+        if self.prior in ("context", "paper") and self.encoder_scope != "segment_causal" and self.latent == "segments":
+            raise ValueError(f"prior {self.prior!r} needs encoder_scope 'segment_causal': the prior of z_k reads "
+                             f"h_{{k-1}}, which must not see segments >= k")
         return self
 
 

@@ -1,12 +1,21 @@
-"""The latent part of TRACE: posterior heads, the transition W, the three latent paths, Gaussian KL.
+"""The latent part of TRACE and of its baselines: posterior heads, prior, the transition W, the three
+latent paths, and one diagonal-Gaussian toolkit used by every switch.
 
-Notation (docs/model.md): segment features h_k [C]; innovation u_k = mu_k + sigma_k * eps_k with
-mu_k = gamma * LN(f(h_k)) and sigma_k from h_k only; prior mean m_k; latent z_k = m_k + u_k.
-  recurrent (TRACE): m_k = W z_{k-1}, z_{-1} = z_init (0, or g(prompt) when conditional)
-  independent (IND): m_k = 0
-  context (CGD):     m_k = P h_{k-1} (m_0 = z_init)
-Both prior and posterior of z_k share the mean m_k, so KL and log p - log q depend on the innovation
-only: KL_k = 1/2 sum_i [exp(lv_i) - 1 - lv_i + mu_i^2] >= 1/2 ||mu_k||^2 = d gamma^2 / 2.
+Notation (docs/model.md): segment features h_k [C]; under the segment-causal encoder h_{k-1} is a
+representation of x_<k. Posterior head: mu_k = norm(f(h_k)), sigma_k from h_k only.
+Prior p(z_k | .) = N(m_k, diag s_k^2)                         (`model.prior`)
+  recurrent (TRACE):      m_k = W z_{k-1}             z_{-1} = z_init (0, or g(prompt) when conditional)
+  independent (IND):      m_k = 0
+  context (CGD):          m_k = P h_{k-1}             m_0 = z_init
+  paper (TRACE, Fig. 1):  m_k = W z_{k-1} + P h_{k-1}  m_0 = W z_init
+  s_k = 1, or s_k^2 = exp(Q h_{k-1}) (s_0 = 1)        (`model.prior_variance` fixed | learned)
+Posterior                                              (`model.posterior`)
+  residual (TRACE): q(z_k | z_{k-1}, x) = N(m_k + mu_k, sigma_k^2), i.e. z_k = m_k + u_k with the
+            innovation u_k = mu_k + sigma_k eps_k. The text offset P h_{k-1} joins u_k, so every prior
+            with W follows z_k = W z_{k-1} + v_k and the three latent paths apply.
+  standard: q(z_k | x) = N(mu_k, sigma_k^2); z_k = mu_k + sigma_k eps_k and m_k is read off the sample.
+KL_k = KL(q || p), per dimension and in closed form given z_{k-1}. Residual, s = 1:
+  1/2 sum_i [exp(lv_i) - 1 - lv_i + mu_i^2] >= 1/2 ||mu_k||^2 = d gamma^2 / 2 under the LayerNorm.
 
 Everything here runs in fp32 (fp64 if the features are fp64), with autocast off and bf16 parameters
 cast up, because the prefix sums accumulate error over K.
@@ -14,6 +23,7 @@ cast up, because the prefix sums accumulate error over K.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -22,6 +32,7 @@ import torch.nn.functional as F
 
 from trace_dist.model.config import ModelConfig
 
+LOG_2PI = math.log(2 * math.pi)
 LN_EPS = 1e-12        # relative to the largest centred entry squared, see layer_norm_fixed
 LOGVAR_BOUND = 10.0   # |log sigma^2| <= 10, so adversarial features cannot overflow exp()
 
@@ -94,7 +105,8 @@ def latent_path(u: torch.Tensor, w: torch.Tensor, z_init: Optional[torch.Tensor]
             zs.append(prev)
         z = torch.stack(zs, dim=1)
     elif path == "parallel":  # W^2 = W  =>  z_k = u_k + W (z_0 + sum_{j<k} u_j): one cumsum, one matmul
-        excl = torch.cumsum(u, dim=1) - u                                 # exclusive prefix sum [B, K, d]
+        # exclusive prefix sum [B, K, d]; not cumsum(u) - u, which would round m_k with u_k (non-causal)
+        excl = torch.cat([torch.zeros_like(u[:, :1]), torch.cumsum(u[:, :-1], dim=1)], dim=1)
         m = (excl + z0[:, None]) @ w.T
         return m + u, m
     elif path == "scan":      # exact for any W: Hillis-Steele scan over affine maps z -> A z + b
@@ -121,14 +133,18 @@ def _affine_scan(u: torch.Tensor, w: torch.Tensor, z0: torch.Tensor) -> torch.Te
 
 
 # ---------------------------------------------------------------------------- Gaussians
-def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """Per dimension KL(N(m + mu, e^lv) || N(m, 1)); expm1 keeps e^lv - 1 - lv >= 0 near lv = 0."""
-    return 0.5 * (torch.expm1(logvar) - logvar + mu.square())
+# One toolkit for every switch. Both functions take differences to the mean rather than the means,
+# so the residual form (q's mean = p's mean + mu) is exact even when the shared mean is large.
+def gaussian_kl(delta: torch.Tensor, logvar_q: torch.Tensor, logvar_p: torch.Tensor) -> torch.Tensor:
+    """Per dimension KL(N(m + delta, e^lv_q) || N(m, e^lv_p)) for any m; expm1 keeps the variance
+    term e^lv - 1 - lv >= 0 when the two variances are close."""
+    lv = logvar_q - logvar_p
+    return 0.5 * (torch.expm1(lv) - lv + delta.square() * torch.exp(-logvar_p))
 
 
-def log_density_ratio(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Per dimension log p(z) - log q(z|x) at z = m + mu + sigma * eps (the 2 pi terms cancel)."""
-    return -0.5 * (mu + torch.exp(0.5 * logvar) * eps).square() + 0.5 * eps.square() + 0.5 * logvar
+def log_normal(diff: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Per dimension log N(x; m, e^lv) at diff = x - m."""
+    return -0.5 * (LOG_2PI + logvar + diff.square() * torch.exp(-logvar))
 
 
 # ---------------------------------------------------------------------------- posterior norm
@@ -153,12 +169,15 @@ def layer_norm_fixed(x: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch
 
 
 class MaskedBatchNorm(nn.Module):
-    """BN-VAE: per-dimension batch normalisation of the posterior mean with a fixed gain gamma,
-    statistics over valid (example, segment) pairs only; running statistics in eval mode."""
+    """Per-dimension batch normalisation of the posterior mean with a fixed gain gamma, statistics over
+    valid (example, segment) pairs only; running statistics in eval mode. `shift`: a learned
+    per-dimension shift beta (BN-VAE, Zhu et al. 2020: gamma fixed, beta learned); without it the
+    mean of each dimension over the batch is exactly 0."""
 
-    def __init__(self, d: int, gamma: float, momentum: float = 0.1, eps: float = 1e-5) -> None:
+    def __init__(self, d: int, gamma: float, shift: bool, momentum: float = 0.1, eps: float = 1e-5) -> None:
         super().__init__()
         self.gamma, self.momentum, self.eps = gamma, momentum, eps
+        self.shift = nn.Parameter(torch.zeros(d)) if shift else None
         self.register_buffer("running_mean", torch.zeros(d))
         self.register_buffer("running_var", torch.ones(d))
 
@@ -173,36 +192,60 @@ class MaskedBatchNorm(nn.Module):
                 self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
         else:
             mean, var = self.running_mean.to(x.dtype), self.running_var.to(x.dtype)
-        return self.gamma * (x - mean) * torch.rsqrt(var + self.eps)
+        out = self.gamma * (x - mean) * torch.rsqrt(var + self.eps)
+        return out if self.shift is None else out + self.shift.to(out.dtype)
 
 
 # ---------------------------------------------------------------------------- the module
 class LatentSample(NamedTuple):  # a NamedTuple, not a dataclass: ZeRO-3 hooks must see its tensors
     z: torch.Tensor             # [B, K, d] latents fed to the decoder
-    innov_mean: torch.Tensor    # [B, K, d] mu_k (posterior mean minus prior mean)
-    innov_logvar: torch.Tensor  # [B, K, d]
+    innov_mean: torch.Tensor    # [B, K, d] mu_k: the innovation's mean (residual) or q's mean (standard)
+    innov_logvar: torch.Tensor  # [B, K, d] log sigma_k^2
     eps: torch.Tensor           # [B, K, d] the standard-normal noise used
-    kl: torch.Tensor            # [B, K, d] per-dimension KL, 0 on invalid segments
+    kl: torch.Tensor            # [B, K, d] per-dimension KL(q || p), 0 on invalid segments
+    log_ratio: torch.Tensor     # [B, K, d] per-dimension log p(z) - log q(z|x), 0 on invalid segments
+    prior_mean: torch.Tensor    # [B, K, d] m_k
+    prior_logvar: torch.Tensor  # [B, K, d] log s_k^2
     aux: dict                   # scalar tensors for logging
 
 
+class PriorTerms(NamedTuple):
+    """What the prior takes from the prompt and the text, for all K segments at once."""
+    z_init: Optional[torch.Tensor]  # [B, d] z_{-1} (W priors) or m_0 (context); None: 0
+    offset: torch.Tensor            # [B, K, d] the prior mean's part outside W z_{k-1}
+    logvar: torch.Tensor            # [B, K, d] log s_k^2
+
+
 class Latent(nn.Module):
-    """Segment features -> posterior, prior, sample and KL, batched over all K segments."""
+    """Segment features -> posterior, prior, sample, KL and log-density ratio, batched over all K segments."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         C, d = cfg.n_embd, cfg.latent_size
         self.cfg = cfg
         self.heads = Linear(C, 2 * d)  # [f(h_k), raw log sigma_k^2], fused into one matmul
-        self.transition = Transition(d, cfg.idempotent, cfg.idempotent_rank) if cfg.prior == "recurrent" else None
-        self.batch_norm = MaskedBatchNorm(d, cfg.ln_gamma) if cfg.posterior_norm == "batchnorm" else None
+        has_w = cfg.prior in ("recurrent", "paper")
+        self.transition = Transition(d, cfg.idempotent, cfg.idempotent_rank) if has_w else None
+        self.batch_norm = (MaskedBatchNorm(d, cfg.ln_gamma, shift=cfg.posterior_norm == "bn_vae")
+                           if cfg.posterior_norm in ("batchnorm", "bn_vae") else None)
         self.prompt_init = Linear(C, d) if cfg.conditional else None      # g: z_init = g(pooled prompt)
-        self.context = Linear(C, d) if cfg.prior == "context" else None   # P: m_k = P h_{k-1}
+        reads_text = cfg.prior in ("context", "paper")
+        self.context = Linear(C, d) if reads_text else None               # P: mean offset P h_{k-1}
+        self.context_logvar = Linear(C, d) if cfg.prior_variance == "learned" else None  # Q
+
+    @property
+    def reads_text(self) -> bool:
+        """The prior of z_k reads x_<k: prior samples are drawn segment by segment as text is generated."""
+        return self.context is not None
 
     @property
     def kl_floor(self) -> float:
+        """d gamma^2 / 2 per segment where KL >= 1/2 ||mu_k||^2 holds for every example: LayerNorm on mu_k,
+        prior variance I, and q's mean minus p's mean = mu_k (residual, or a zero prior mean). Else 0."""
         cfg = self.cfg
-        return cfg.latent_size * cfg.ln_gamma ** 2 / 2 if cfg.posterior_norm == "layernorm" else 0.0
+        holds = cfg.posterior_norm == "layernorm" and cfg.prior_variance == "fixed" and \
+            (cfg.posterior == "residual" or cfg.prior == "independent")
+        return cfg.latent_size * cfg.ln_gamma ** 2 / 2 if holds else 0.0
 
     def init_state(self, h_prompt: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """z_init [B, d] (the prior mean of segment 0 under 'context'): g(prompt), or None for 0."""
@@ -211,7 +254,7 @@ class Latent(nn.Module):
         return self.prompt_init(h_prompt.to(compute_dtype(h_prompt)))
 
     def context_mean(self, h_prev: torch.Tensor) -> torch.Tensor:
-        """CGD prior mean from the previous segment's features: [..., C] -> [..., d]."""
+        """The prior mean's text offset P h_{k-1}: [..., C] -> [..., d]."""
         return self.context(h_prev.to(compute_dtype(h_prev)))
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
@@ -228,12 +271,22 @@ class Latent(nn.Module):
             logvar = raw.clamp(-LOGVAR_BOUND, LOGVAR_BOUND)                    # sigma_k from h_k only
             if eps is None:
                 eps = torch.randn_like(mu)
-            u = mu + torch.exp(0.5 * logvar) * eps                             # innovation [B, K, d]
-            z = self._prior_path(u, h, h_prompt, path or self.cfg.latent_path, aux)
-            # Invalid segments (k >= num_segments) carry finite junk that nothing reads: the path is
-            # causal in k and no valid token reads their latent; only their KL needs masking.
-            kl = torch.where(seg_mask[..., None], gaussian_kl(mu, logvar), 0.0)
-        return LatentSample(z=z, innov_mean=mu, innov_logvar=logvar, eps=eps, kl=kl, aux=aux)
+            noise = torch.exp(0.5 * logvar) * eps                              # z_k - q's mean [B, K, d]
+            prior = self._prior_terms(mu, h, h_prompt)
+            if self.cfg.posterior == "residual":
+                z, m = self._path(mu + noise, prior, path or self.cfg.latent_path, aux)
+                delta = mu                                                     # q's mean - p's mean, exactly
+            else:
+                z = mu + noise
+                m = self._prior_mean(z, prior, aux)
+                delta = mu - m
+            # Invalid segments (k >= num_segments) carry finite junk latents that nothing reads: the
+            # prior is causal in k and no valid token reads their latent; only their densities need masking.
+            valid = seg_mask[..., None]
+            kl = torch.where(valid, gaussian_kl(delta, logvar, prior.logvar), 0.0)
+            log_ratio = torch.where(valid, log_normal(delta + noise, prior.logvar) - log_normal(noise, logvar), 0.0)
+        return LatentSample(z=z, innov_mean=mu, innov_logvar=logvar, eps=eps, kl=kl, log_ratio=log_ratio,
+                            prior_mean=m, prior_logvar=prior.logvar, aux=aux)
 
     def _normalise(self, pre: torch.Tensor, seg_mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
         norm = self.cfg.posterior_norm
@@ -243,39 +296,65 @@ class Latent(nn.Module):
                 aux = {"ln_var": (var * seg_mask).sum() / seg_mask.sum().clamp_min(1),
                        "ln_var_min": torch.where(seg_mask, var, torch.inf).amin()}
             return mu, aux
-        if norm == "batchnorm":
+        if self.batch_norm is not None:
             return self.batch_norm(pre, seg_mask), {}
         return pre, {}
 
-    def _prior_path(self, u: torch.Tensor, h: torch.Tensor, h_prompt: Optional[torch.Tensor], path: str,
-                    aux: dict) -> torch.Tensor:
-        """z = m + u under the configured prior."""
+    def _prior_terms(self, ref: torch.Tensor, h: Optional[torch.Tensor], h_prompt: Optional[torch.Tensor]
+                     ) -> PriorTerms:
+        """ref [B, K, d] gives shape and dtype; h [B, K, C] (read only by the context and paper priors:
+        segment k reads h_{k-1}, the text before it)."""
         z_init = self.init_state(h_prompt)
-        prior = self.cfg.prior
-        if prior == "independent":
-            return u
-        if prior == "context":
-            m_rest = self.context_mean(h[:, :-1])                              # m_k = P h_{k-1}, k >= 1
-            m0 = u.new_zeros(u.shape[0], 1, u.shape[2]) if z_init is None else z_init[:, None]
-            return u + torch.cat([m0, m_rest], dim=1)
+        offset, logvar = torch.zeros_like(ref), torch.zeros_like(ref)
+        if self.context is not None:
+            h_prev = h[:, :-1]                                                 # h_{k-1} for k >= 1
+            first = ref.new_zeros(ref.shape[0], 1, ref.shape[2])
+            if self.transition is None and z_init is not None:                # context: m_0 = z_init
+                first = z_init[:, None]
+            offset = torch.cat([first, self.context_mean(h_prev)], dim=1)
+            if self.context_logvar is not None:
+                lv = self.context_logvar(h_prev).clamp(-LOGVAR_BOUND, LOGVAR_BOUND)
+                logvar = torch.cat([torch.zeros_like(first), lv], dim=1)
+        return PriorTerms(z_init=z_init, offset=offset, logvar=logvar)
+
+    def _path(self, u: torch.Tensor, prior: PriorTerms, path: str, aux: Optional[dict]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual form: z = m + u for innovations u [B, K, d]; returns (z, m). `aux` (None: no logging)
+        receives the W diagnostics."""
+        if self.transition is None:
+            return prior.offset + u, prior.offset
         w = self.weight(u.dtype)
-        z, _ = latent_path(u, w, z_init, path)
+        v = u + prior.offset                                                   # the offset joins the innovation
+        z, wz = latent_path(v, w, prior.z_init, path)                          # wz_k = W z_{k-1}
+        if aux is not None:
+            with torch.no_grad():
+                aux["idempotency_gap"] = idempotency_gap(w)
+                if self.cfg.idempotent == "penalty" and path != "sequential":
+                    aux["latent_path_gap"] = (z - latent_path(v, w, prior.z_init, "sequential")[0]).abs().amax()
+        return z, wz + prior.offset
+
+    def _prior_mean(self, z: torch.Tensor, prior: PriorTerms, aux: dict) -> torch.Tensor:
+        """Standard posterior: m_k = W z_{k-1} + offset_k read off the sample z [B, K, d]."""
+        if self.transition is None:
+            return prior.offset
+        w = self.weight(z.dtype)
         with torch.no_grad():
             aux["idempotency_gap"] = idempotency_gap(w)
-            if self.cfg.idempotent == "penalty" and path != "sequential":
-                aux["latent_path_gap"] = (z - latent_path(u, w, z_init, "sequential")[0]).abs().amax()
-        return z
+        z0 = z.new_zeros(z.shape[0], 1, z.shape[2]) if prior.z_init is None else prior.z_init[:, None]
+        return torch.cat([z0, z[:, :-1]], dim=1) @ w.T + prior.offset
 
     def sample_prior(self, eps: torch.Tensor, h_prompt: Optional[torch.Tensor] = None,
-                     path: Optional[str] = None) -> torch.Tensor:
-        """Latents from the prior for all K segments at once, eps [N, K, d] -> z [N, K, d]
-        (recurrent: one latent path over u = eps; independent: z = eps)."""
-        if self.cfg.prior == "context":
-            raise ValueError("the 'context' prior depends on generated text; it is sampled segment by segment")
+                     path: Optional[str] = None, h: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Latents from the prior, eps [N, K, d] -> z [N, K, d]: z_k = m_k + s_k eps_k (with W: the latent
+        path over v_k = s_k eps_k + offset_k). Priors that read the text need h [N, K', C], the
+        segment features of the text so far (K' <= K; z_k is final for k <= K', later ones are junk)."""
+        if self.reads_text and h is None:
+            raise ValueError(f"the {self.cfg.prior!r} prior reads the text: it is sampled segment by segment (pass h)")
         with torch.autocast(device_type=eps.device.type, enabled=False):
-            if self.cfg.prior == "independent":
-                return eps
-            return latent_path(eps, self.weight(eps.dtype), self.init_state(h_prompt), path or self.cfg.latent_path)[0]
+            if h is not None:
+                h = F.pad(h.to(eps.dtype)[:, :eps.shape[1]], (0, 0, 0, max(0, eps.shape[1] - h.shape[1])))
+            prior = self._prior_terms(eps, h, h_prompt)
+            return self._path(torch.exp(0.5 * prior.logvar) * eps, prior, path or self.cfg.latent_path, None)[0]
 
     def penalty(self) -> Optional[torch.Tensor]:
         """lambda ||W^2 - W||_F^2 under 'penalty', else None."""

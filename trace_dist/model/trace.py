@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from trace_dist.model.config import GenerationConfig
 from trace_dist.model.blocks import LayerCache, Stack, init_weights
 from trace_dist.model.config import ModelConfig
-from trace_dist.model.latent import Latent, LatentSample, log_density_ratio
+from trace_dist.model.latent import Latent, LatentSample
 from trace_dist.vocab import Vocab
 
 BATCH_KEYS = ("tokens", "seg_ids", "loss_mask", "prompt_mask", "num_segments", "example_mask")
@@ -32,7 +32,7 @@ class TraceOutput:
     num_examples: torch.Tensor        # int64, real (non-padding) examples
     kl_per_segment_sum: torch.Tensor  # [max_segments] KL summed over examples at each segment index
     seg_count: torch.Tensor           # [max_segments] int64, examples having that segment
-    kl_floor: float                   # analytic per-segment floor d * gamma^2 / 2 (LayerNorm), else 0
+    kl_floor: float                   # analytic per-segment floor d * gamma^2 / 2 where it holds, else 0
     aux: dict = field(default_factory=dict)
 
 
@@ -224,7 +224,8 @@ class TRACE(nn.Module):
         tokens = batch["tokens"]
         B, T = tokens.shape
         logits = self.decode(self.decoder_input(tokens), torch.arange(T, device=tokens.device), seg_ids, z)
-        ce = F.cross_entropy(logits.float().reshape(B * T, -1), tokens.reshape(-1), reduction="none")
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
+        ce = F.cross_entropy(logits.reshape(B * T, -1), tokens.reshape(-1), reduction="none")
         return (ce.view(B, T) * _loss_mask(batch)).sum(1)
 
     # ------------------------------------------------------------ training forward
@@ -273,8 +274,7 @@ class TRACE(nn.Module):
             sample: Optional[LatentSample] = None if h is None else self.latent(h, seg_mask, h_prompt)
             lw = -self.reconstruction(batch, seg_ids, None if sample is None else sample.z)
             if sample is not None:
-                ratio = log_density_ratio(sample.innov_mean, sample.innov_logvar, sample.eps)
-                lw = lw + (ratio.sum(-1) * seg_mask).sum(1)
+                lw = lw + (sample.log_ratio.sum(-1) * seg_mask).sum(1)
             out.append(lw)
         return torch.stack(out, dim=1)
 
@@ -336,6 +336,3 @@ def _check_config(cfg: ModelConfig, vocab: Vocab, vocab_size: int) -> None:
     bad = {n: i for n, i in vars(vocab).items() if n != "size" and not 0 <= i < vocab_size}
     if bad:
         raise ValueError(f"vocab special ids {bad} outside [0, {vocab_size}) (model.vocab_size)")
-    if cfg.prior == "context" and cfg.encoder_scope != "segment_causal" and cfg.latent == "segments":
-        raise ValueError("model.prior='context' needs model.encoder_scope='segment_causal': the prior of z_k "
-                         "reads h_{k-1}, which must not see segments >= k")
