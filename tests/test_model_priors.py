@@ -125,14 +125,10 @@ def test_every_latent_parameter_learns(switch):
 
 
 # ---------------------------------------------------------------------------- generation
-NEEDS_GENERATION_PATCH = pytest.mark.xfail(
-    strict=True, reason="trace_dist/model/generation.py draws only 'context' priors segment by segment, with unit "
-                        "variance; the lead applies the model report's generation.py patch, then removes this mark")
 GENERATION_SWITCHES = [
     dict(), dict(latent_path="sequential"), dict(posterior="standard"), IND, dict(prior="context"),
     dict(latent="single", **IND), dict(posterior_norm="bn_vae"),
-    pytest.param(dict(prior="paper"), marks=NEEDS_GENERATION_PATCH),
-    pytest.param(CGD, marks=NEEDS_GENERATION_PATCH),
+    dict(prior="paper"), CGD,
 ]
 
 

@@ -98,8 +98,8 @@ def generate(model, num: int = 1, z: Optional[torch.Tensor] = None, prompts: Opt
 
 
 class _Latents:
-    """z [N, K, d] for decoding: given, pre-sampled from the prior, or (context prior) drawn segment by
-    segment from the encoder features of the text generated so far."""
+    """z [N, K, d] for decoding: given, pre-sampled from the prior, or (priors that read the text:
+    context, paper) drawn segment by segment from the encoder features of the text generated so far."""
 
     def __init__(self, model, N, z, prompts, generator, latent_path, device) -> None:
         self.model, self.prompts = model, prompts
@@ -113,14 +113,10 @@ class _Latents:
         h_prompt = _prompt_features(model, prompts, device) if cfg.conditional else None
         K = 1 if cfg.latent == "single" else cfg.max_segments
         self.eps = torch.randn(N, K, cfg.latent_size, generator=generator, device=device)
-        self.lazy = cfg.prior == "context"
-        if not self.lazy:
-            self.z = model.latent.sample_prior(self.eps, h_prompt, latent_path)
-            return
-        m0 = model.latent.init_state(h_prompt)
-        self.z = self.eps.clone()
-        if m0 is not None:
-            self.z[:, 0] += m0.float()
+        self.h_prompt, self.path = h_prompt, latent_path
+        self.lazy = model.latent.reads_text
+        no_text = self.eps.new_zeros(N, 0, cfg.n_embd) if self.lazy else None   # z_0 reads the prompt only
+        self.z = model.latent.sample_prior(self.eps, h_prompt, latent_path, h=no_text).float()
 
     @property
     def num(self) -> int:
@@ -128,14 +124,16 @@ class _Latents:
 
     def update(self, rows: torch.Tensor, seg: torch.Tensor, generated: list[list[int]],
                gen_segs: list[list[int]]) -> None:
-        """Context prior: z[r, s] = P h_{s-1} + eps for rows that just entered segment s."""
+        """Priors that read the text (context, paper): z[r, s] for rows that just entered segment s, drawn
+        from the prior given the features of the text generated so far."""
         if not self.lazy or not rows.any():
             return
         batch = _text_batch(self.model, self.prompts, generated, gen_segs, self.z.device)
         h, _, _ = self.model.features(batch)
+        z = self.model.latent.sample_prior(self.eps, self.h_prompt, self.path, h=h)
         for r in rows.nonzero().flatten().tolist():
             s = int(seg[r])
-            self.z[r, s] = self.model.latent.context_mean(h[r, s - 1]).float() + self.eps[r, s]
+            self.z[r, s] = z[r, s].float()
 
 
 def _decode_loop(model, latents: _Latents, prompts, gen, generator, segment, use_cache, device):
