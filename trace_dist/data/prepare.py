@@ -315,6 +315,8 @@ class Output:
         if foreign:
             raise DataError(f"--output {out} holds files prepare did not write ({', '.join(foreign[:3])}); "
                             f"--overwrite replaces a dataset, not other files: move them or choose another directory")
+        if n > 1 and out.is_dir():  # a mismatch with partitions already written is known now, before any work
+            check_partitions(out, {"settings": {**vars(s), "partition": [i, n]}})
         self.old = existing
         name = out.name if n == 1 else _partition_tag(s.partition)
         self.staging = staging_parent / f".{name}.prepare-{os.getpid()}"
@@ -323,8 +325,6 @@ class Output:
             self.staging.mkdir()
         except OSError as e:
             raise DataError(f"--output {out}: cannot write in {staging_parent} ({e.strerror or e})")
-        if n > 1:  # a mismatch with partitions already written is known now, before any work
-            check_partitions(out, {"settings": {**vars(s), "partition": [i, n]}})
 
     def discard(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
