@@ -11,7 +11,8 @@ from conftest import tiny_corpus
 from trace_dist.data.config import DataConfig
 from trace_dist.cli import main as cli
 from trace_dist.data.segment import SentenceSplitter
-from trace_dist.data.stream import ShardReader, manifest
+from trace_dist.data import manifest
+from trace_dist.data.stream import ShardReader
 from trace_dist.data.tokenizer import load_tokenizer
 
 
