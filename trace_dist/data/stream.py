@@ -116,6 +116,18 @@ class ShardReader:
                 "; ".join(f"{u} ({e})" for u, e in self.bad_shards.items()))
 
 
+def _loaded(dataset: IterableDataset, num_workers: int) -> Iterator:
+    """The items of a DataLoader over `dataset`; a DataError is raised here, as itself.
+
+    Raised inside a DataLoader worker, it would arrive re-wrapped around the worker's traceback
+    text; so the datasets yield it as an item instead, and it keeps its one-line message.
+    """
+    for item in DataLoader(dataset, batch_size=None, num_workers=num_workers):
+        if isinstance(item, DataError):
+            raise item
+        yield item
+
+
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
@@ -168,9 +180,12 @@ class TrainChunks(IterableDataset):
     def __iter__(self) -> Iterator[list[dict[str, torch.Tensor]]]:
         worker, num_workers = _worker()
         first = self.start_step // self.chunk_batches
-        for chunk in itertools.count(first + worker, num_workers):
-            batches = self.chunk(chunk)
-            yield batches[self.start_step - first * self.chunk_batches:] if chunk == first else batches
+        try:
+            for chunk in itertools.count(first + worker, num_workers):
+                batches = self.chunk(chunk)
+                yield batches[self.start_step - first * self.chunk_batches:] if chunk == first else batches
+        except DataError as e:
+            yield e  # see _loaded
 
 
 class TrainLoader:
@@ -180,8 +195,7 @@ class TrainLoader:
         self.chunks, self.num_workers = chunks, num_workers
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        loader = DataLoader(self.chunks, batch_size=None, num_workers=self.num_workers)
-        for batches in loader:
+        for batches in _loaded(self.chunks, self.num_workers):
             yield from batches
 
 
@@ -218,6 +232,12 @@ class EvalBatches(IterableDataset):
                    for lo, hi in (_share(*rank_range, w, self.num_workers) for w in range(self.num_workers)))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        try:
+            yield from self._batches()
+        except DataError as e:
+            yield e  # see _loaded
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         worker, num_workers = _worker()
         lo, hi = _share(*self.range, worker, num_workers)
         slots, bad = [], 0
@@ -248,9 +268,8 @@ class EvalLoader:
         return self.length
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        loader = DataLoader(self.batches, batch_size=None, num_workers=self.num_workers)
         count = 0
-        for batch in loader:
+        for batch in _loaded(self.batches, self.num_workers):
             count += 1
             yield batch
         for _ in range(self.length - count):
