@@ -169,11 +169,13 @@ def test_tokenizer_mismatch_is_refused_naming_both_sides(tiny_data, tmp_path):
     assert pretty.read_bytes() != (tiny_data / "tokenizer.json").read_bytes()
     check_same_tokenizer(tiny_data, pretty, what="export X")
     check_same_tokenizer(tiny_data, (tiny_data / "tokenizer.json").read_bytes(), what="checkpoint Y")
+    check_same_tokenizer(tiny_data, tokenizer, what="a loaded model")
 
     other = other_tokenizer(tiny_data)
     assert other.get_vocab_size() == tokenizer.get_vocab_size()
-    with pytest.raises(DataError, match=f"checkpoint runs/x/step7 .*{tiny_data}"):
-        check_same_tokenizer(tiny_data, other.to_str().encode(), what="checkpoint runs/x/step7")
+    for theirs in (other, other.to_str().encode()):
+        with pytest.raises(DataError, match=f"checkpoint runs/x/step7 .*{tiny_data}"):
+            check_same_tokenizer(tiny_data, theirs, what="checkpoint runs/x/step7")
     with pytest.raises(DataError, match="not a tokenizers JSON file"):
         check_same_tokenizer(tiny_data, b"\x7fELF\x00\x01", what="checkpoint Z")
 

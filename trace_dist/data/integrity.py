@@ -174,13 +174,16 @@ def verify_tokenizer(data_dir: str | Path, tokenizer, meta: Optional[dict] = Non
                         f"shards were made with ({Path(data_dir) / MANIFEST} says {meta['tokenizer_sha256'][:12]}...)")
 
 
-def check_same_tokenizer(data_dir: str | Path, tokenizer: Union[str, Path, bytes], what: str = "the model") -> None:
-    """Refuse to use `data_dir` with a model whose tokenizer (a tokenizer.json path or its bytes) differs.
+def check_same_tokenizer(data_dir: str | Path, tokenizer, what: str = "the model") -> None:
+    """Refuse to use `data_dir` with a model whose tokenizer differs from the data's; DataError naming both.
 
-    `what` names the other side in the message, e.g. "checkpoint runs/x/checkpoints/step00000100".
+    `tokenizer`: a tokenizer.json path, its bytes, or a loaded `tokenizers.Tokenizer`. `what` names
+    the other side in the message, e.g. "checkpoint runs/x/checkpoints/step00000100".
     """
     meta = manifest(data_dir)
-    theirs = tokenizer_sha256(read_tokenizer(tokenizer, f"{what}: tokenizer"))
+    if not hasattr(tokenizer, "to_str"):
+        tokenizer = read_tokenizer(tokenizer, f"{what}: tokenizer")
+    theirs = tokenizer_sha256(tokenizer)
     if theirs != meta["tokenizer_sha256"]:
         raise DataError(f"{what} was trained with another tokenizer (sha256 {theirs[:12]}...) than the data in "
                         f"{data_dir} (sha256 {meta['tokenizer_sha256'][:12]}...); use the data it was trained on")
