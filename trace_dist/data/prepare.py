@@ -294,7 +294,7 @@ class Output:
     """
 
     def __init__(self, out: Path, s: Settings, overwrite: bool):
-        self.out, self.s, self.overwrite = out, s, overwrite
+        self.out, self.s = out, s
         i, n = s.partition
         if out.exists() and not out.is_dir():
             raise DataError(f"--output {out} is a file, not a directory")
