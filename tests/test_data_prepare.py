@@ -9,9 +9,10 @@ import pytest
 from conftest import tiny_corpus
 
 from trace_dist.data.config import DataConfig
-from trace_dist.data.prepare import main as prepare
+from trace_dist.cli import main as cli
 from trace_dist.data.segment import SentenceSplitter
-from trace_dist.data.stream import ShardReader, manifest
+from trace_dist.data import manifest
+from trace_dist.data.stream import ShardReader
 from trace_dist.data.tokenizer import load_tokenizer
 
 
@@ -33,7 +34,8 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def run(*args) -> int:
-    return prepare([str(a) for a in args])
+    """`trace-dist prepare ARGS`: its exit status (user errors print one line and give 2)."""
+    return cli(["prepare", *map(str, args)])
 
 
 def test_round_trip_text_ids_and_sentence_bounds(tiny_data):
@@ -101,7 +103,7 @@ def test_bad_input_is_counted_located_and_fatal_only_when_nothing_remains(tmp_pa
                "--valid-fraction", 0, "--test-fraction", 0) == 0
     err = capsys.readouterr().err
     assert f"{good}:2: blank line" in err
-    assert f"{good}:3: missing or empty field 'text'" in err
+    assert f"{good}:3: missing field 'text'" in err
     assert f"{good}:4: invalid JSON" in err
     assert f"{good}:5: not UTF-8" in err
     assert f"{tmp_path / 'empty.txt'}: empty file" in err

@@ -1,5 +1,6 @@
 """Loaders on real shards: batch layout, re-segmentation, determinism, resume, eval coverage, corruption."""
 
+import hashlib
 import io
 import itertools
 import json
@@ -12,7 +13,7 @@ import pytest
 import torch
 from test_data_prepare import records
 
-from trace_dist.data import eval_loader, load_tokenizer, train_loader
+from trace_dist.data import DataError, eval_loader, load_tokenizer, train_loader
 from trace_dist.data.config import DataConfig
 from trace_dist.data.prepare import main as prepare
 
@@ -115,7 +116,11 @@ def test_eval_ranks_are_disjoint_and_cover_every_sample_once(tiny_data, num_work
 
 
 def corrupt(data, tmp_path):
-    """A copy of the data with one truncated train shard and one garbage (pickled) sample in valid."""
+    """A copy of the data with one truncated train shard and one garbage (pickled) sample in valid.
+
+    The valid shard is re-recorded in the manifest (as if prepare itself had written the bad sample),
+    so that it passes the sha256 check and the decoder's own defences are what is tested.
+    """
     bad = tmp_path / "bad"
     shutil.copytree(data, bad)
     shard = bad / "train-000001.tar"
@@ -134,6 +139,10 @@ def corrupt(data, tmp_path):
         for info, data in members:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    meta = json.loads((bad / "manifest.json").read_text())
+    entry = meta["splits"]["valid"]["shards"][0]
+    entry.update(sha256=hashlib.sha256(valid.read_bytes()).hexdigest(), bytes=valid.stat().st_size)
+    (bad / "manifest.json").write_text(json.dumps(meta))
     return bad
 
 
@@ -151,7 +160,7 @@ def test_corrupt_shards_and_samples_are_skipped_and_counted(tiny_data, tmp_path,
     assert "train-000001.tar" in caplog.text
 
     strict = cfg_for(bad, max_bad_fraction=0.001, bad_check_min_samples=10)
-    with pytest.raises(RuntimeError, match="train-000001.tar"):
+    with pytest.raises(DataError, match="train-000001.tar"):
         take(train_loader(strict, vocab, 4, 0, 1, seed=0), 200)
 
 
@@ -171,7 +180,7 @@ def test_conditional_batches_put_the_prompt_first(tiny_data, tmp_path):
         assert (batch["seg_ids"][b][prompt] == -1).all()
         i = tokenizer.decode(tokens[: n_prompt - 1].tolist()).split()[-1].rstrip(".")
         assert tokenizer.decode(tokens[n_prompt:].tolist()).startswith(f"Item {i} is here.")
-    with pytest.raises(ValueError, match="without --conditional"):
+    with pytest.raises(DataError, match="without --conditional"):
         eval_loader(cfg_for(tiny_data), load_tokenizer(tiny_data)[1], "train", 4, 0, 1, conditional=True)
 
 

@@ -7,8 +7,9 @@ validating a config must not pay for importing torch and webdataset.
 
 import importlib
 
-_EXPORTS = {"encode_text": "prepare", "eval_loader": "stream", "manifest": "stream", "train_loader": "stream",
-            "load_tokenizer": "tokenizer"}
+_EXPORTS = {"encode_text": "prepare", "eval_loader": "stream", "train_loader": "stream", "load_tokenizer": "tokenizer",
+            "manifest": "integrity", "DataError": "integrity", "check_data": "integrity",
+            "check_same_tokenizer": "integrity"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -30,6 +30,8 @@ class Example:
     tokens: np.ndarray  # int64 [T]
     seg_ids: np.ndarray  # int64 [T], -1 on the prompt
     num_segments: int
+    num_bytes: int  # UTF-8 bytes of the document's stored text (the target only, for conditional data)
+    num_words: int  # its whitespace-separated words
 
 
 class Layout:
@@ -75,7 +77,9 @@ class Layout:
             seg_ids.append(np.full(min(len(seg), room) + 1, k))
             budget -= min(len(seg), room) + 1
         parts[-1][-1] = vocab.eos  # the last segment closes with eos (records are never empty)
-        return Example(np.concatenate(parts).astype(np.int64), np.concatenate(seg_ids).astype(np.int64), len(kept))
+        # Normalisers come from the stored text, not the tokens, so they do not depend on data.segment.
+        return Example(np.concatenate(parts).astype(np.int64), np.concatenate(seg_ids).astype(np.int64), len(kept),
+                       len(record.text.encode("utf-8")), len(record.text.split()))
 
 
 def collate(examples: list[Example | None], vocab: Vocab, bad_samples: int) -> dict[str, torch.Tensor]:
@@ -85,6 +89,8 @@ def collate(examples: list[Example | None], vocab: Vocab, bad_samples: int) -> d
     tokens = torch.full((B, T), vocab.pad, dtype=torch.int64)
     seg_ids = torch.full((B, T), -1, dtype=torch.int64)
     num_segments = torch.zeros(B, dtype=torch.int64)
+    num_bytes = torch.zeros(B, dtype=torch.int64)
+    num_words = torch.zeros(B, dtype=torch.int64)
     prompt_mask = torch.zeros(B, T, dtype=torch.bool)
     for b, e in enumerate(examples):
         if e is None:
@@ -94,12 +100,15 @@ def collate(examples: list[Example | None], vocab: Vocab, bad_samples: int) -> d
         seg_ids[b, :n] = torch.from_numpy(e.seg_ids)
         prompt_mask[b, :n] = torch.from_numpy(e.seg_ids < 0)
         num_segments[b] = e.num_segments
+        num_bytes[b], num_words[b] = e.num_bytes, e.num_words
     return {
         "tokens": tokens,  # [B, T]
         "seg_ids": seg_ids,  # [B, T]
         "loss_mask": seg_ids >= 0,  # [B, T]
         "prompt_mask": prompt_mask,  # [B, T]
         "num_segments": num_segments,  # [B]
+        "num_bytes": num_bytes,  # [B] UTF-8 bytes of each document's text (target only), 0 for padding
+        "num_words": num_words,  # [B] its whitespace word count, 0 for padding
         "example_mask": torch.tensor([e is not None for e in examples], dtype=torch.bool),  # [B]
         "bad_samples": torch.tensor(bad_samples, dtype=torch.int64),  # []
     }

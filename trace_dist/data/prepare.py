@@ -16,6 +16,8 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
+import signal
 import sys
 import time
 from collections import Counter
@@ -26,20 +28,16 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from trace_dist.data.config import parse_segment
+from trace_dist.data.integrity import (FORMAT, MANIFEST, SPLITS, TOKENIZER_FILE, DataError, read_manifest,
+                                       read_tokenizer, tokenizer_sha256)
 from trace_dist.data.segment import SentenceSplitter, split_long, token_bounds
 from trace_dist.data.shards import Record, encode, write_shard
-from trace_dist.data.sources import Document, InputError, Problems, expand_inputs, read_documents
-from trace_dist.data.tokenizer import TOKENIZER_FILE, check_special_ids, train_tokenizer
+from trace_dist.data.sources import Document, Problems, expand_inputs, read_documents
+from trace_dist.data.tokenizer import check_special_ids, train_tokenizer
 from trace_dist.vocab import SPECIAL_TOKENS
 
-SPLITS = ("train", "valid", "test")
-MANIFEST = "manifest.json"
-FORMAT = "trace-dist-shards/1"
 DOCS_PER_TASK = 64  # documents handed to a worker at once
-
-
-class PrepareError(ValueError):
-    """A user error found while preparing; exit status 2."""
+MAX_VOCAB = 1 << 20  # ids are int32 and the embedding has one row per id; 1M is far above any real BPE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,16 +85,17 @@ class Settings:
 def validate(args: argparse.Namespace) -> Settings:
     def need(ok: bool, message: str) -> None:
         if not ok:
-            raise PrepareError(message)
+            raise DataError(message)
 
     try:
         parse_segment(args.segment)
     except ValueError as e:
-        raise PrepareError(f"--segment: {e}")
+        raise DataError(f"--segment: {e}")
     match = re.fullmatch(r"(\d+)/(\d+)", args.partition)
     need(bool(match) and int(match[1]) < int(match[2]),
          f"--partition must be i/n with 0 <= i < n, got {args.partition!r}")
-    need(args.vocab_size >= 300, f"--vocab-size must be >= 300 (256 bytes + specials + merges), got {args.vocab_size}")
+    need(300 <= args.vocab_size <= MAX_VOCAB,
+         f"--vocab-size must be in [300, {MAX_VOCAB}] (256 bytes + specials + merges), got {args.vocab_size}")
     for name in ("valid_fraction", "test_fraction"):
         need(0.0 <= getattr(args, name) < 1.0, f"--{name.replace('_', '-')} must be in [0, 1)")
     need(args.valid_fraction + args.test_fraction < 1.0, "--valid-fraction + --test-fraction must be < 1")
@@ -104,7 +103,7 @@ def validate(args: argparse.Namespace) -> Settings:
     need(args.workers >= 1, "--workers must be >= 1")
     need(args.max_segments is None or args.max_segments >= 1, "--max-segments must be >= 1")
     need(args.max_segment_tokens is None or args.max_segment_tokens >= 2, "--max-segment-tokens must be >= 2")
-    need(args.tokenizer is None or Path(args.tokenizer).is_file(), f"--tokenizer {args.tokenizer}: no such file")
+    need(args.tokenizer is None or Path(args.tokenizer).is_file(), f"--tokenizer {args.tokenizer}: not a file")
     return Settings(
         inputs=list(args.input), segment=args.segment, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
         valid_fraction=args.valid_fraction, test_fraction=args.test_fraction, shard_samples=args.shard_samples,
@@ -137,6 +136,11 @@ def _init_worker(tokenizer_json: str, settings: Settings) -> None:
     from tokenizers import Tokenizer
 
     _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), splitter=SentenceSplitter(), settings=settings)
+
+
+def _init_pool_worker(tokenizer_json: str, settings: Settings) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (one line, cleanup)
+    _init_worker(tokenizer_json, settings)
 
 
 def encode_text(text: str, tokenizer, prompt: Optional[str] = None, max_segments: Optional[int] = None,
@@ -221,6 +225,7 @@ class SplitWriter:
         samples = [(f"{i:06d}", encode(r)) for i, r in enumerate(self.pending)]
         digest = write_shard(str(self.out / name), samples)
         self.shards.append({"name": name, "samples": len(self.pending), "sha256": digest,
+                            "bytes": (self.out / name).stat().st_size,
                             "tokens": int(sum(len(r.ids) for r in self.pending)),
                             "segments": int(sum(len(r.bounds) for r in self.pending))})
         self.pending = []
@@ -235,33 +240,131 @@ class SplitWriter:
 
 
 def _owned(name: str) -> bool:
+    """A file name `trace-dist prepare` writes."""
     return name == TOKENIZER_FILE or name.startswith("manifest") or (
         name.split("-")[0] in SPLITS and name.endswith((".tar", ".tar.tmp")))
 
 
-def prepare_output(out: Path, s: Settings, overwrite: bool) -> None:
-    """Refuse to mix with earlier output unless --overwrite; in partition mode only our own files count."""
-    out.mkdir(parents=True, exist_ok=True)
-    i, n = s.partition
-    mine = (lambda name: f"-p{i:03d}of{n:03d}-" in name or name == f"manifest-p{i:03d}of{n:03d}.json"
-            or name == MANIFEST) if n > 1 else (lambda name: True)
-    existing = sorted(p.name for p in out.iterdir() if mine(p.name) and (n == 1 or _owned(p.name)))
-    if existing and not overwrite:
-        raise PrepareError(f"--output {out} is not empty ({', '.join(existing[:3])}...); pass --overwrite to replace")
-    for name in existing:
-        if _owned(name):
-            (out / name).unlink()
+def _partition_tag(partition: tuple) -> str:
+    i, n = partition
+    return f"p{i:03d}of{n:03d}"
+
+
+def _comparable(meta: dict) -> dict:
+    """What every partition of one dataset must share: settings but the partition, and the tokenizer.
+
+    The --tokenizer path is left out; the tokenizer's hash stands for it (a missing hash: not known yet).
+    """
+    settings = {k: v for k, v in meta["settings"].items() if k not in ("partition", "tokenizer")}
+    return {**json.loads(json.dumps(settings)), "tokenizer_sha256": meta.get("tokenizer_sha256")}
+
+
+def _mismatch(a: dict, b: dict) -> str:
+    """'' if two partition manifests can be parts of one dataset, else what differs between them."""
+    a, b = _comparable(a), _comparable(b)
+    differ = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and None not in (a.get(k), b.get(k))]
+    return "; ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in differ)
+
+
+def _refuse(a: str, b: str, differences: str) -> DataError:
+    return DataError(f"partitions {a} and {b} were prepared differently ({differences}); every partition of a "
+                     f"dataset needs the same inputs, settings and tokenizer (only --partition and --workers vary)")
+
+
+def check_partitions(out: Path, mine: dict) -> None:
+    """Refuse if a partition manifest already in `out` was made with other settings or another tokenizer.
+
+    `mine` is this partition's manifest (before the tokenizer exists: just its settings).
+    """
+    i, n = mine["settings"]["partition"]
+    others = [f for f in sorted(out.glob(f"manifest-p*of{n:03d}.json")) if f.name != f"manifest-p{i:03d}of{n:03d}.json"]
+    for file in others:
+        differences = _mismatch(mine, read_manifest(file))
+        if differences:
+            raise _refuse(f"{i}/{n} (this run)", str(file), differences)
+
+
+class Output:
+    """Where prepare writes: a staging directory, moved into place only once the dataset is complete.
+
+    Without partitions the new dataset is built in `.NAME.prepare-PID` beside DIR, and swapped in
+    by renames at the end, so a failure or Ctrl-C at any point leaves an earlier dataset as it
+    was. A partition builds its shards in `DIR/.pIIIofNNN.prepare-PID` and moves them into the
+    shared DIR at the end. Every check of the output happens here, before any work.
+    """
+
+    def __init__(self, out: Path, s: Settings, overwrite: bool):
+        self.out, self.s = out, s
+        i, n = s.partition
+        if out.exists() and not out.is_dir():
+            raise DataError(f"--output {out} is a file, not a directory")
+        if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+            raise DataError(f"--output {out} is not writable")
+        if n == 1:
+            existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+            foreign = [name for name in existing if not _owned(name)]
+            staging_parent = out.parent
+        else:
+            existing = sorted(p.name for p in out.iterdir() if _owned(p.name) and (
+                f"-{_partition_tag(s.partition)}" in p.name or p.name == MANIFEST)) if out.is_dir() else []
+            foreign = []
+            staging_parent = out
+        if existing and not overwrite:
+            raise DataError(f"--output {out} is not empty ({', '.join(existing[:3])}...); pass --overwrite to "
+                            f"replace")
+        if foreign:
+            raise DataError(f"--output {out} holds files prepare did not write ({', '.join(foreign[:3])}); "
+                            f"--overwrite replaces a dataset, not other files: move them or choose another directory")
+        if n > 1 and out.is_dir():  # a mismatch with partitions already written is known now, before any work
+            check_partitions(out, {"settings": {**vars(s), "partition": [i, n]}})
+        self.old = existing
+        name = out.name if n == 1 else _partition_tag(s.partition)
+        self.staging = staging_parent / f".{name}.prepare-{os.getpid()}"
+        try:
+            staging_parent.mkdir(parents=True, exist_ok=True)
+            self.staging.mkdir()
+        except OSError as e:
+            raise DataError(f"--output {out}: cannot write in {staging_parent} ({e.strerror or e})")
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def commit(self, manifest: dict) -> Optional[dict]:
+        """Put the complete dataset in place; returns the dataset's manifest.json content, if complete."""
+        if self.s.partition[1] == 1:
+            write_json(self.staging / MANIFEST, manifest)
+            if self.old:  # DIR holds an earlier dataset: swap, then delete it
+                old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+                os.rename(self.out, old)
+                os.rename(self.staging, self.out)
+                shutil.rmtree(old)
+            else:  # absent, or an empty directory that the rename replaces
+                os.rename(self.staging, self.out)
+            return manifest
+        return self._commit_partition(manifest)
+
+    def _commit_partition(self, manifest: dict) -> Optional[dict]:
+        out, n = self.out, self.s.partition[1]
+        check_partitions(out, manifest)  # again, now with the tokenizer's hash
+        ours = {sh["name"] for split in SPLITS for sh in manifest["splits"][split]["shards"]}
+        (out / MANIFEST).unlink(missing_ok=True)  # the union changes: no manifest.json until it is rebuilt
+        for name in self.old:
+            if name not in ours:
+                (out / name).unlink(missing_ok=True)
+        for name in sorted(ours) + [TOKENIZER_FILE]:  # the tokenizer equals the other partitions' (checked)
+            os.replace(self.staging / name, out / name)
+        write_json(out / f"manifest-{_partition_tag(self.s.partition)}.json", manifest)
+        self.discard()
+        merged = merge_partitions(out, n)
+        if merged:
+            write_json(out / MANIFEST, merged)
+        return merged
 
 
 def load_or_train_tokenizer(sources: list[str], s: Settings, problems: Problems):
-    from tokenizers import Tokenizer
-
     if s.tokenizer:
-        tokenizer = Tokenizer.from_file(s.tokenizer)
-        try:
-            check_special_ids(tokenizer, s.tokenizer)
-        except ValueError as e:
-            raise PrepareError(str(e))
+        tokenizer = read_tokenizer(s.tokenizer, f"--tokenizer {s.tokenizer}")
+        check_special_ids(tokenizer, f"--tokenizer {s.tokenizer}")
         return tokenizer
 
     def train_texts() -> Iterator[str]:
@@ -296,17 +399,21 @@ def _encoded(tasks: Iterator[list], tokenizer_json: str, s: Settings, workers: i
         yield from map(_encode_task, tasks)
         return
     ctx = multiprocessing.get_context("spawn")  # no fork after the tokenizer's threads started
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_json, s)) as pool:
+    with ctx.Pool(workers, initializer=_init_pool_worker, initargs=(tokenizer_json, s)) as pool:
         while window := list(itertools.islice(tasks, 4 * workers)):
             yield from pool.map(_encode_task, window)
 
 
 def merge_partitions(out: Path, n: int) -> Optional[dict]:
-    """Once all n partition manifests exist, their union becomes manifest.json."""
+    """Once all n partition manifests exist, their union becomes manifest.json (refused if they differ)."""
     parts = [out / f"manifest-p{i:03d}of{n:03d}.json" for i in range(n)]
     if not all(p.is_file() for p in parts):
         return None
-    manifests = [json.loads(p.read_text()) for p in parts]
+    manifests = [read_manifest(p) for p in parts]
+    for part, m in zip(parts[1:], manifests[1:]):
+        differences = _mismatch(manifests[0], m)
+        if differences:
+            raise _refuse(str(parts[0]), str(part), differences)
     merged = {k: v for k, v in manifests[0].items() if k not in ("splits", "input", "settings")}
     merged["settings"] = {**manifests[0]["settings"], "partition": [0, 1]}
     merged["partitions"] = n
@@ -330,11 +437,30 @@ def write_json(path: Path, obj: dict) -> None:
     write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
+def warn_empty_splits(manifest: dict, log) -> None:
+    """An empty split is legal but rarely meant (a tiny corpus, many skipped lines): say so."""
+    documents = sum(manifest["splits"][split]["samples"] for split in SPLITS)
+    for split in SPLITS:
+        if manifest["splits"][split]["samples"] == 0:
+            fraction = manifest["settings"].get(f"{split}_fraction")
+            if fraction != 0:
+                how = f" (--{split}-fraction {fraction})" if fraction is not None else ""
+                log(f"warning: the {split} split is empty{how}: {documents} usable documents were not enough")
+
+
 def run(s: Settings, out: Path, workers: int, overwrite: bool, log=print) -> dict:
+    """Prepare the dataset; DataError for user errors, and `out` stays as it was on any failure."""
+    sources = expand_inputs(s.inputs)
+    output = Output(out, s, overwrite)
+    try:
+        return _run(s, sources, output, workers, log)
+    finally:
+        output.discard()
+
+
+def _run(s: Settings, sources: list[str], output: Output, workers: int, log) -> dict:
     from tqdm import tqdm
 
-    sources = expand_inputs(s.inputs)
-    prepare_output(out, s, overwrite)
     problems = Problems()
     t0 = time.time()
     tokenizer = load_or_train_tokenizer(sources, s, problems)
@@ -344,7 +470,8 @@ def run(s: Settings, out: Path, workers: int, overwrite: bool, log=print) -> dic
     if not s.tokenizer:
         problems = Problems()  # the shard pass below meets the same problems again; count them once
 
-    writers = {split: SplitWriter(out, shard_prefix(split, s.partition), s.shard_samples) for split in SPLITS}
+    writers = {split: SplitWriter(output.staging, shard_prefix(split, s.partition), s.shard_samples)
+               for split in SPLITS}
     docs = tqdm(read_documents(sources, s.conditional, problems), unit="doc", desc="prepare", disable=None)
     documents = 0
     for encoded in _encoded(_tasks(docs, s), tokenizer_json, s, workers):
@@ -365,7 +492,7 @@ def run(s: Settings, out: Path, workers: int, overwrite: bool, log=print) -> dic
         reasons = ", ".join(f"{r}: {c}" for r, c in problems.counts.most_common())
         log(f"skipped {problems.total()} input items: {reasons}")
     if usable == 0:
-        raise PrepareError(f"no usable documents in {', '.join(s.inputs)} ({problems.total()} items skipped)")
+        raise DataError(f"no usable documents in {', '.join(s.inputs)} ({problems.total()} items skipped)")
 
     i, n = s.partition
     manifest = {
@@ -374,27 +501,26 @@ def run(s: Settings, out: Path, workers: int, overwrite: bool, log=print) -> dic
         "conditional": s.conditional,
         "segment": s.segment,
         "vocab_size": tokenizer.get_vocab_size(),
-        "tokenizer_sha256": hashlib.sha256(tokenizer_json.encode()).hexdigest(),
+        "tokenizer_sha256": tokenizer_sha256(tokenizer),
         "input": {"documents": documents, "problems": problems.total()},
         "problems": dict(problems.counts),
         "splits": {split: w.summary() for split, w in writers.items()},
     }
-    write_atomic(out / TOKENIZER_FILE, tokenizer_json)
-    if n == 1:
-        write_json(out / MANIFEST, manifest)
-    else:
-        write_json(out / f"manifest-p{i:03d}of{n:03d}.json", manifest)
-        merged = merge_partitions(out, n)
-        if merged:
-            write_json(out / MANIFEST, merged)
+    write_atomic(output.staging / TOKENIZER_FILE, tokenizer_json)
     for split, w in writers.items():
         log(f"{split}: {len(w.shards)} shards, {w.stats['samples']} documents, {w.stats['tokens']} tokens, "
             f"{w.stats['segments']} sentences")
-    log(f"wrote {out} in {time.time() - t0:.1f}s")
+    complete = output.commit(manifest)
+    if complete:
+        warn_empty_splits(complete, log)
+    elif n > 1:
+        log(f"partition {i}/{n} done; manifest.json is written when the last partition finishes")
+    log(f"wrote {output.out} in {time.time() - t0:.1f}s")
     return manifest
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """`trace-dist prepare`; user errors raise DataError (the CLI prints one line and exits 2)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -402,11 +528,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return int(e.code or 0)
     try:
         run(validate(args), Path(args.output), args.workers, args.overwrite, log=lambda m: print(m, file=sys.stderr))
-    except (InputError, PrepareError) as e:
-        print(f"trace-dist prepare: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"trace-dist prepare: interrupted; {args.output} was left as it was", file=sys.stderr)
+        return 130
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from trace_dist.cli import main as cli
+
+    sys.exit(cli(["prepare", *sys.argv[1:]]))

@@ -62,7 +62,8 @@ def encode(record: Record) -> dict[str, bytes]:
 def decode(sample: dict, vocab_size: int, conditional: bool) -> Record:
     """A grouped WebDataset sample -> Record; ValueError (naming the file) if anything is off."""
     key = sample.get("__key__", "?")
-    missing = [k for k in ("ids.npy", "bounds.npy") + (("prompt.npy",) if conditional else ()) if k not in sample]
+    needed = ("ids.npy", "bounds.npy", "txt") + (("prompt.npy",) if conditional else ())
+    missing = [k for k in needed if k not in sample]
     if missing:
         raise ValueError(f"sample {key}: missing {missing}")
     ids = _array(sample["ids.npy"], f"{key}.ids.npy")
@@ -73,7 +74,7 @@ def decode(sample: dict, vocab_size: int, conditional: bool) -> Record:
             raise ValueError(f"sample {key}: {name} outside the vocabulary [0, {vocab_size})")
     if not ids.size or not bounds.size or bounds[-1] != ids.size or np.any(np.diff(bounds) <= 0) or bounds[0] <= 0:
         raise ValueError(f"sample {key}: bounds are not increasing offsets ending at len(ids)={ids.size}")
-    text = sample.get("txt", b"").decode("utf-8")
+    text = sample["txt"].decode("utf-8")
     meta = json.loads(sample["json"]) if "json" in sample else {}
     return Record(ids, bounds, prompt, text, sample.get("prompt.txt", b"").decode("utf-8") or None, meta)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import itertools
 import json
 import re
 from collections import Counter
@@ -25,12 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
+from trace_dist.data.integrity import DataError
+
 SUFFIXES = (".txt", ".jsonl", ".wp_source", ".wp_target")
 MAX_REPORTED = 20  # problem messages kept verbatim; the rest are only counted
-
-
-class InputError(ValueError):
-    """A user error in the inputs (missing file, unknown type); `prepare` exits 2 on it."""
+SNIFF_BYTES = 8192  # a NUL byte in a file's first 8 KiB makes it binary (git's and grep's rule)
+MAX_CONTROL_FRACTION = 0.1  # lines with more control characters than this are binary data, not text
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # C0 controls and DEL, except tab, newline and CR
 
 
 @dataclass(frozen=True)
@@ -71,13 +73,13 @@ def expand_inputs(specs: list[str]) -> list[str]:
     for spec in specs:
         if spec.startswith(("builtin:", "hf:")):
             if spec.startswith("builtin:") and spec != "builtin:pydoc":
-                raise InputError(f"unknown builtin corpus {spec!r} (known: builtin:pydoc)")
+                raise DataError(f"unknown builtin corpus {spec!r} (known: builtin:pydoc)")
             out.append(spec)
             continue
         if any(c in spec for c in "*?["):
             matches = sorted(glob.glob(spec, recursive=True))
             if not matches:
-                raise InputError(f"--input {spec}: the pattern matches no file")
+                raise DataError(f"--input {spec}: the pattern matches no file")
             candidates = [Path(m) for m in matches]
         else:
             candidates = [Path(spec)]
@@ -85,43 +87,64 @@ def expand_inputs(specs: list[str]) -> list[str]:
             if path.is_dir():
                 found = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p))
                 if not found:
-                    raise InputError(f"--input {path}: directory holds no {'/'.join(SUFFIXES)} file")
+                    raise DataError(f"--input {path}: directory holds no {'/'.join(SUFFIXES)} file")
                 out += [str(p) for p in found]
             elif path.is_file():
                 if not _kind(path):
-                    raise InputError(f"--input {path}: unsupported file type (use {', '.join(SUFFIXES)}, "
+                    raise DataError(f"--input {path}: unsupported file type (use {', '.join(SUFFIXES)}, "
                                      f"optionally .gz)")
                 out.append(str(path))
             else:
-                raise InputError(f"--input {path}: no such file or directory")
+                raise DataError(f"--input {path}: no such file or directory")
     # A WritingPrompts pair is one source: keep the .wp_source, require its .wp_target.
     sources = []
     for s in dict.fromkeys(out):
         if s.endswith((".wp_target", ".wp_target.gz")):
             partner = s.replace(".wp_target", ".wp_source")
             if not Path(partner).is_file():
-                raise InputError(f"--input {s}: WritingPrompts target without its {partner}")
+                raise DataError(f"--input {s}: WritingPrompts target without its {partner}")
             continue
         if s.endswith((".wp_source", ".wp_source.gz")):
             partner = s.replace(".wp_source", ".wp_target")
             if not Path(partner).is_file():
-                raise InputError(f"--input {s}: WritingPrompts source without its {partner}")
+                raise DataError(f"--input {s}: WritingPrompts source without its {partner}")
         sources.append(s)
     return sources
 
 
+def _text_problem(line: str) -> Optional[str]:
+    """Why a decoded line is binary data rather than text, or None."""
+    if "\x00" in line:
+        return "binary data (NUL byte)"
+    if len(_CONTROL.findall(line)) > MAX_CONTROL_FRACTION * len(line):
+        return "binary data (control characters)"
+    return None
+
+
 def _lines(path: str, problems: Problems) -> Iterator[tuple[int, Optional[str]]]:
-    """(line number, decoded line without newline) or (n, None) for an undecodable line."""
+    """(line number, decoded line without newline) or (n, None) for a line that is not UTF-8 text.
+
+    A file whose first SNIFF_BYTES hold a NUL byte is binary and skipped whole (one problem);
+    a UTF-8 byte order mark at the start of the file is not part of the text.
+    """
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
+            if b"\x00" in f.peek(SNIFF_BYTES)[:SNIFF_BYTES]:
+                problems.add("binary file, not text (NUL byte in the first 8 KiB)", path)
+                return
             n = 0
             for n, raw in enumerate(f, 1):
                 try:
-                    yield n, raw.decode("utf-8").rstrip("\r\n")
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r\n")
                 except UnicodeDecodeError:
                     problems.add("not UTF-8", f"{path}:{n}")
                     yield n, None
+                    continue
+                reason = _text_problem(line)
+                if reason:
+                    problems.add(reason, f"{path}:{n}")
+                yield n, None if reason else line
             if n == 0:
                 problems.add("empty file", path)
     except (OSError, EOFError) as e:  # unreadable or a corrupt gzip stream
@@ -160,8 +183,15 @@ def _read_jsonl(path: str, conditional: bool, problems: Problems) -> Iterator[Do
 
 def _read_writing_prompts(source: str, conditional: bool, problems: Problems) -> Iterator[Document]:
     target = source.replace(".wp_source", ".wp_target")
-    prompts, stories = _lines(source, problems), _lines(target, problems)
-    for (n, prompt), (_, story) in zip(prompts, stories):
+    unpaired = (None, None)
+    for (n, prompt), (m, story) in itertools.zip_longest(_lines(source, problems), _lines(target, problems),
+                                                         fillvalue=unpaired):
+        if m is None:  # the files must pair up line by line
+            problems.add("line has no partner in the .wp_target file", f"{source}:{n}")
+            continue
+        if n is None:
+            problems.add("line has no partner in the .wp_source file", f"{target}:{m}")
+            continue
         where = f"{target}:{n}"
         if prompt is None or story is None:
             continue
@@ -171,10 +201,6 @@ def _read_writing_prompts(source: str, conditional: bool, problems: Problems) ->
             problems.add("blank line", where)
             continue
         yield Document(story, prompt if conditional else None, where)
-    for _ in prompts:  # the files must pair up line by line
-        problems.add("line has no partner in the .wp_target file", source)
-    for _ in stories:
-        problems.add("line has no partner in the .wp_source file", target)
 
 
 _HEADING = re.compile(r"^[*=\-^~]{3,}$")
@@ -214,7 +240,7 @@ def pydoc_documents() -> Iterator[tuple[str, str]]:
 
 def _read_pydoc(conditional: bool, problems: Problems) -> Iterator[Document]:
     if conditional:
-        raise InputError("builtin:pydoc has no prompts; drop --conditional")
+        raise DataError("builtin:pydoc has no prompts; drop --conditional")
     for where, text in pydoc_documents():
         yield Document(text, None, f"builtin:pydoc:{where}")
 
@@ -223,7 +249,7 @@ def _read_hf(spec: str, conditional: bool, problems: Problems) -> Iterator[Docum
     try:
         import datasets
     except ImportError:
-        raise InputError(f"--input {spec}: needs the `datasets` package (pip install trace-dist[datasets])")
+        raise DataError(f"--input {spec}: needs the `datasets` package (pip install trace-dist[datasets])")
     name, _, split = spec[len("hf:"):].partition(":")
     for n, row in enumerate(datasets.load_dataset(name, split=split or "train", streaming=True), 1):
         yield from _read_row(row, conditional, f"{spec}:{n}", problems)
@@ -231,13 +257,18 @@ def _read_hf(spec: str, conditional: bool, problems: Problems) -> Iterator[Docum
 
 def _read_row(row: dict, conditional: bool, where: str, problems: Problems) -> Iterator[Document]:
     """One JSON object (a .jsonl line or a dataset row) -> zero or one document."""
-    key = "target" if conditional else "text"
-    if not isinstance(row.get(key), str) or not row[key].strip():
-        problems.add(f"missing or empty field {key!r}", where)
-    elif conditional and not (isinstance(row.get("prompt"), str) and row["prompt"].strip()):
-        problems.add("missing or empty field 'prompt'", where)
-    else:
-        yield Document(row[key].strip(), row["prompt"].strip() if conditional else None, where)
+    keys = ("prompt", "target") if conditional else ("text",)
+    for key in keys:
+        value = row.get(key)
+        if not isinstance(value, str):
+            problems.add(f"missing field {key!r}" if value is None else
+                         f"field {key!r} is {type(value).__name__}, not a string", where)
+            return
+        reason = "empty" if not value.strip() else _text_problem(value)
+        if reason:
+            problems.add(f"field {key!r}: {reason}", where)
+            return
+    yield Document(row[keys[-1]].strip(), row["prompt"].strip() if conditional else None, where)
 
 
 def read_documents(sources: list[str], conditional: bool, problems: Problems) -> Iterator[Document]:

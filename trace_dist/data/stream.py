@@ -14,16 +14,18 @@ contiguous part of that, and each worker reads only the shards overlapping its r
 is seen exactly once, shards need not outnumber ranks x workers, and each rank knows every rank's
 batch count up front, so it pads with empty batches (example_mask False) to the common maximum.
 
-Corruption: a shard that cannot be read, is truncated, or holds a sample that fails to decode
-loses those samples; they are counted (manifest count - readable samples), logged once per shard,
+Corruption: every shard is read whole and checked against the manifest's sha256 before it is
+decoded, so a shard that differs in any byte (bit flips, truncation, another dataset's shard) is
+bad as a whole. A shard that cannot be read or fails that check, or a sample that fails to decode,
+loses its samples; they are counted (manifest count - readable samples), logged once per shard,
 and reported in the next batch's `bad_samples`. Once more than `max_bad_fraction` of the samples
 seen (after `bad_check_min_samples`) were bad, the stream stops with an error naming the shards.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
-import json
 import logging
 import math
 from pathlib import Path
@@ -36,49 +38,43 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trace_dist.data.batch import Layout, collate
 from trace_dist.data.config import DataConfig
+from trace_dist.data.integrity import SPLITS, DataError, manifest, read_shard
 from trace_dist.data.shards import Record, decode
 from trace_dist.vocab import Vocab
 
 log = logging.getLogger("trace_dist.data")
-SPLITS = ("train", "valid", "test")
-
-
-def manifest(path: str | Path) -> dict:
-    """DIR/manifest.json of a prepared data directory."""
-    file = Path(path) / "manifest.json"
-    if not file.is_file():
-        parts = sorted(p.name for p in Path(path).glob("manifest-p*.json"))
-        hint = f" (only partition manifests {parts}: not all partitions finished)" if parts else \
-            " (run `trace-dist prepare` first)"
-        raise FileNotFoundError(f"no {file}{hint}")
-    return json.loads(file.read_text())
 
 
 class ShardReader:
-    """Reads whole shards into records, counting bad samples and enforcing max_bad_fraction."""
+    """Reads whole, verified shards into records, counting bad samples and enforcing max_bad_fraction."""
 
     def __init__(self, cfg: DataConfig, vocab: Vocab, conditional: bool, split: str):
         meta = manifest(cfg.path)
         if conditional and not meta["conditional"]:
-            raise ValueError(f"{cfg.path} was prepared without --conditional; it has no prompts")
+            raise DataError(f"{cfg.path} was prepared without --conditional; it has no prompts")
         if meta["vocab_size"] != vocab.size:
-            raise ValueError(f"{cfg.path}: prepared with a {meta['vocab_size']}-token vocabulary, "
-                             f"the model's has {vocab.size}")
+            raise DataError(f"{cfg.path}: prepared with a {meta['vocab_size']}-token vocabulary, "
+                            f"the model's has {vocab.size}")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         shards = meta["splits"][split]["shards"]
         if not shards:
-            raise ValueError(f"{cfg.path}: the {split} split has no samples")
+            raise DataError(f"{cfg.path}: the {split} split has no samples")
         self.urls = [str(Path(cfg.path) / s["name"]) for s in shards]
         self.counts = [s["samples"] for s in shards]
-        self.expected = dict(zip(self.urls, self.counts))
+        self.shards = dict(zip(self.urls, shards))
         self.cfg, self.vocab, self.conditional = cfg, vocab, conditional
         self.good = self.bad = 0
         self.bad_shards: dict[str, str] = {}  # url -> first error
 
     def read(self, url: str) -> tuple[dict[int, Record], int]:
-        """{index in shard: record} of the readable samples, and how many were bad."""
-        expected = self.expected[url]
+        """{index in shard: record} of the readable samples, and how many were bad.
+
+        The shard's bytes are verified against the manifest's sha256 before anything is decoded:
+        a shard that differs in any byte is bad as a whole.
+        """
+        shard = self.shards[url]
+        expected = shard["samples"]
         errors: list[Exception] = []
 
         def keep_going(exn: Exception) -> bool:
@@ -86,13 +82,21 @@ class ShardReader:
             return True
 
         records: dict[int, Record] = {}
-        for sample in wds.tarfile_to_samples(handler=keep_going)(iter([{"url": url}])):
-            try:
-                index = int(sample["__key__"])
-                records[index] = decode(sample, self.vocab.size, self.conditional)
-            except (ValueError, KeyError, UnicodeDecodeError, json.JSONDecodeError) as exn:
-                errors.append(exn)
-                continue
+        try:
+            data = read_shard(url, shard.get("bytes"), shard["sha256"])
+        except ValueError as exn:
+            errors.append(exn)
+            data = None
+        if data is not None:
+            files = wds.tariterators.tar_file_expander(iter([{"url": url, "stream": io.BytesIO(data)}]),
+                                                       handler=keep_going)
+            for sample in wds.tariterators.group_by_keys(files, handler=keep_going):
+                try:
+                    index = int(sample["__key__"])
+                    records[index] = decode(sample, self.vocab.size, self.conditional)
+                except (ValueError, KeyError, UnicodeDecodeError) as exn:
+                    errors.append(exn)
+                    continue
         records = {i: r for i, r in records.items() if 0 <= i < expected}
         bad = expected - len(records)
         self._account(url, len(records), bad, errors)
@@ -102,14 +106,26 @@ class ShardReader:
         self.good += good
         self.bad += bad
         if bad and url not in self.bad_shards:
-            self.bad_shards[url] = repr(errors[0]) if errors else "samples missing"
+            self.bad_shards[url] = str(errors[0]) if errors else "samples missing"
             log.warning("data: skipped %d bad samples of %s: %s", bad, url, self.bad_shards[url])
         seen = self.good + self.bad
         if seen >= self.cfg.bad_check_min_samples and self.bad > self.cfg.max_bad_fraction * seen:
-            raise RuntimeError(
+            raise DataError(
                 f"data: {self.bad} of {seen} samples were unreadable (> max_bad_fraction="
                 f"{self.cfg.max_bad_fraction}); bad shards: " +
                 "; ".join(f"{u} ({e})" for u, e in self.bad_shards.items()))
+
+
+def _loaded(dataset: IterableDataset, num_workers: int) -> Iterator:
+    """The items of a DataLoader over `dataset`; a DataError is raised here, as itself.
+
+    Raised inside a DataLoader worker, it would arrive re-wrapped around the worker's traceback
+    text; so the datasets yield it as an item instead, and it keeps its one-line message.
+    """
+    for item in DataLoader(dataset, batch_size=None, num_workers=num_workers):
+        if isinstance(item, DataError):
+            raise item
+        yield item
 
 
 def _worker() -> tuple[int, int]:
@@ -153,7 +169,7 @@ class TrainChunks(IterableDataset):
             pool += [records[i] for i in sorted(records)]
             bad += n_bad
             if not pool and ndraws >= 10 * len(self.reader.urls):
-                raise RuntimeError(f"data: no readable training sample in {ndraws} shard draws: "
+                raise DataError(f"data: no readable training sample in {ndraws} shard draws: "
                                    f"{self.reader.bad_shards}")
         order = np.random.default_rng(seed).permutation(len(pool))[:need]
         examples = [self.layout.example(pool[i]) for i in order]
@@ -164,9 +180,12 @@ class TrainChunks(IterableDataset):
     def __iter__(self) -> Iterator[list[dict[str, torch.Tensor]]]:
         worker, num_workers = _worker()
         first = self.start_step // self.chunk_batches
-        for chunk in itertools.count(first + worker, num_workers):
-            batches = self.chunk(chunk)
-            yield batches[self.start_step - first * self.chunk_batches:] if chunk == first else batches
+        try:
+            for chunk in itertools.count(first + worker, num_workers):
+                batches = self.chunk(chunk)
+                yield batches[self.start_step - first * self.chunk_batches:] if chunk == first else batches
+        except DataError as e:
+            yield e  # see _loaded
 
 
 class TrainLoader:
@@ -176,8 +195,7 @@ class TrainLoader:
         self.chunks, self.num_workers = chunks, num_workers
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        loader = DataLoader(self.chunks, batch_size=None, num_workers=self.num_workers)
-        for batches in loader:
+        for batches in _loaded(self.chunks, self.num_workers):
             yield from batches
 
 
@@ -214,6 +232,12 @@ class EvalBatches(IterableDataset):
                    for lo, hi in (_share(*rank_range, w, self.num_workers) for w in range(self.num_workers)))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        try:
+            yield from self._batches()
+        except DataError as e:
+            yield e  # see _loaded
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         worker, num_workers = _worker()
         lo, hi = _share(*self.range, worker, num_workers)
         slots, bad = [], 0
@@ -244,9 +268,8 @@ class EvalLoader:
         return self.length
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        loader = DataLoader(self.batches, batch_size=None, num_workers=self.num_workers)
         count = 0
-        for batch in loader:
+        for batch in _loaded(self.batches, self.num_workers):
             count += 1
             yield batch
         for _ in range(self.length - count):

@@ -6,14 +6,32 @@ UTF-8 text, and token offsets index the original characters (the sentence bounda
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from trace_dist.data.integrity import TOKENIZER_FILE, DataError, read_tokenizer, verify_tokenizer
 from trace_dist.vocab import SPECIAL_TOKENS, Vocab
 
-TOKENIZER_FILE = "tokenizer.json"
+MAX_WORD = 256  # longest run of non-space characters BPE training sees in one piece
+_LONG_WORD = re.compile(r"\S{%d,}" % (MAX_WORD + 1))
+
+
+def bounded_words(texts: Iterable[str]) -> Iterator[str]:
+    """The texts, with runs of more than MAX_WORD non-space characters cut into MAX_WORD pieces.
+
+    BPE training is quadratic in the length of a word (a 100k-character run takes 20 s, 1 MB
+    hours); texts without such runs pass unchanged, so normal corpora train the same tokenizer.
+    """
+    for text in texts:
+        pos = 0
+        for run in _LONG_WORD.finditer(text):
+            yield text[pos:run.start()]
+            yield from (run[0][i:i + MAX_WORD] for i in range(0, len(run[0]), MAX_WORD))
+            pos = run.end()
+        yield text[pos:]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -26,25 +44,26 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.train_from_iterator(bounded_words(texts), trainer=trainer)
     return tokenizer
 
 
 def check_special_ids(tokenizer: Tokenizer, origin: str) -> Vocab:
     """The Vocab of a tokenizer whose special tokens have the agreed ids 0..3."""
-    vocab = Vocab.from_tokenizer(tokenizer)
     wrong = [t for i, t in enumerate(SPECIAL_TOKENS) if tokenizer.token_to_id(t) != i]
     if wrong:
-        raise ValueError(f"{origin}: special tokens {wrong} do not have ids "
-                         f"{[SPECIAL_TOKENS.index(t) for t in wrong]} (expected {SPECIAL_TOKENS} = 0..3)")
-    return vocab
+        raise DataError(f"{origin}: special tokens {wrong} do not have ids "
+                        f"{[SPECIAL_TOKENS.index(t) for t in wrong]} (expected {SPECIAL_TOKENS} = 0..3)")
+    return Vocab.from_tokenizer(tokenizer)
 
 
 def load_tokenizer(path: str | Path) -> tuple[Tokenizer, Vocab]:
-    """From a prepared data directory (or a tokenizer.json file itself)."""
+    """From a prepared data directory (verified against its manifest) or a tokenizer.json file itself."""
     path = Path(path)
     file = path / TOKENIZER_FILE if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"no tokenizer at {file} (run `trace-dist prepare` first)")
-    tokenizer = Tokenizer.from_file(str(file))
+        raise DataError(f"no tokenizer at {file} (run `trace-dist prepare` first)")
+    tokenizer = read_tokenizer(file)
+    if path.is_dir():
+        verify_tokenizer(path, tokenizer)
     return tokenizer, check_special_ids(tokenizer, str(file))
