@@ -113,6 +113,10 @@ class TraceConfig(_Section):
         if self.data.max_segments > self.model.max_segments:
             raise ValueError(f"data.max_segments ({self.data.max_segments}) exceeds model.max_segments "
                              f"({self.model.max_segments})")
+        if self.generation.max_new_tokens > self.model.block_size:
+            # decoding past block_size has no position embedding: IndexError at the first validation
+            raise ValueError(f"generation.max_new_tokens ({self.generation.max_new_tokens}) exceeds "
+                             f"model.block_size ({self.model.block_size})")
         return self
 
     # ---------------------------------------------------------------- derived

@@ -106,6 +106,7 @@ class Trainer:
             _, client = self.engine.load_checkpoint(str(save_dir), tag=load_tag)
             self.state.update(client["trace"])
             self.log(f"resumed from {save_dir / resume[1]} at step {self.state['step']}")
+        self._prompts: Optional[list[list[int]]] = None  # conditional: the prompts samples continue
         self.tb = TensorBoard(cfg.tensorboard_dir, enabled=cfg.tensorboard and self.dist.is_main)
         if self.dist.is_main:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -302,18 +303,43 @@ class Trainer:
         self.engine.train()
         return metrics
 
+    def _valid_prompts(self) -> list[list[int]]:
+        """The prompts of the first `samples_to_log` valid documents, read as one rank would read the
+        whole split, so every rank continues the same prompts."""
+        from trace_dist.data import eval_loader
+
+        if self._prompts is None:
+            n, self._prompts = self.cfg.train.samples_to_log, []
+            for batch in eval_loader(self.cfg.data, self.vocab, "valid", n, 0, 1, conditional=True):
+                for tokens, prompt, real in zip(batch["tokens"], batch["prompt_mask"], batch["example_mask"]):
+                    if real and len(self._prompts) < n:
+                        self._prompts.append(tokens[prompt].tolist())
+                if len(self._prompts) == n:
+                    break
+        return self._prompts
+
     def _samples(self, step: int) -> dict:
         """Every rank generates the same samples (ZeRO-3 needs all ranks in the forward); rank 0 logs
         them and their diversity (Distinct-n, Self-BLEU-n: what Tune trades against quality)."""
         from trace_dist import metrics
 
-        gen = torch.Generator(device=self.dist.device).manual_seed(self.cfg.train.seed + step)
-        ids = self.engine.module.generate(num=self.cfg.train.samples_to_log, gen=self.cfg.generation,
-                                          generator=gen, segment=self.cfg.data.segment)
+        cfg = self.cfg
+        gen_cfg, prompts = cfg.generation, None
+        if cfg.model.conditional:
+            prompts = self._valid_prompts()
+            # prompt + continuation must fit the model's positions
+            room = cfg.model.block_size - max(len(p) for p in prompts)
+            gen_cfg = gen_cfg.model_copy(update={"max_new_tokens": max(1, min(gen_cfg.max_new_tokens, room))})
+        gen = torch.Generator(device=self.dist.device).manual_seed(cfg.train.seed + step)
+        ids = self.engine.module.generate(num=cfg.train.samples_to_log, prompts=prompts, gen=gen_cfg,
+                                          generator=gen, segment=cfg.data.segment)
         texts = [self.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
         self.tb.text("samples", "\n\n".join(f"{i}. {t}" for i, t in enumerate(texts)), step)
-        for t in texts:
-            self._jsonl("samples.jsonl", {"step": step, "text": t})
+        for i, t in enumerate(texts):
+            record = {"step": step, "text": t}
+            if prompts is not None:
+                record["prompt"] = self.tokenizer.decode(prompts[i], skip_special_tokens=True)
+            self._jsonl("samples.jsonl", record)
         diversity = metrics.text_metrics([metrics.words(t) for t in texts])
         return {f"sample_{k}" if k == "len_mean" else k: v for k, v in diversity.items()}
 
