@@ -53,3 +53,61 @@ def test_conditional_model_trains_through_validation_and_checkpoint(conditional_
     assert (out / "checkpoints" / "latest").read_text() == "step00000002"
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and all(s["step"] == 2 and "prompt" in s for s in samples)
+
+
+# ------------------------------------------------------------------ R6, R8, 10: one run per run directory
+def test_second_run_on_a_locked_run_directory_refuses_and_changes_nothing(tiny_data, tmp_path):
+    import os
+    import socket
+
+    from trace_dist.runlock import RunLock
+
+    out = tmp_path / "run"
+    lock = RunLock.acquire(out)  # this test process is the running first run
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    try:
+        for cmd in (train_cmd(tiny_data, out),
+                    [sys.executable, "-m", "trace_dist.train", "--config", "configs/tiny.yaml", *overrides(tiny_data, out)]):
+            r = run(cmd)
+            assert r.returncode == 2, r.stderr[-2000:]
+            assert f"is in use by pid {os.getpid()} on host {socket.gethostname()}" in r.stderr
+            assert "Traceback" not in r.stderr
+        assert sorted(p.name for p in out.iterdir()) == [".run.lock", "metrics.jsonl"]
+        assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    finally:
+        lock.release()
+
+
+def descendants(pid):
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_wrapper_takes_its_ranks_along_and_a_restart_takes_over(tiny_data, tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    out = tmp_path / "run"
+    args = ["train.max_steps=60", "checkpoint.interval=2", "train.samples_to_log=0"]
+    cmd = train_cmd(tiny_data, out, *args)
+    cmd[cmd.index("--nproc") + 1] = "2"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, "training did not reach step 3"
+        time.sleep(0.1)
+    tree = descendants(proc.pid)
+    assert sum("trace_dist.train" in " ".join(p.cmdline()) for p in tree) >= 2  # the launcher and its ranks
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(tree, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]
+    # the dead wrapper's lock is taken over; the run resumes from its last complete checkpoint
+    r = run(train_cmd(tiny_data, out, *args[:-1], "train.samples_to_log=0", "train.max_steps=6"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "taking over" in r.stderr and "resumed from" in r.stderr
+    assert (out / "checkpoints" / "latest").read_text() == "step00000006"

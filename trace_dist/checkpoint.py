@@ -24,6 +24,7 @@ import torch
 
 from trace_dist.config import TraceConfig, load_config
 from trace_dist.distributed import barrier
+from trace_dist.files import atomic_write
 
 META = "trace_meta.json"
 LATEST = "latest"
@@ -32,12 +33,6 @@ WEIGHTS = "model.safetensors"
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save(engine, cfg: TraceConfig, state: dict, tokenizer_file: Path, is_main: bool) -> Path:
@@ -54,8 +49,8 @@ def save(engine, cfg: TraceConfig, state: dict, tokenizer_file: Path, is_main: b
         (tag_dir / "config.yaml").write_text(cfg.to_yaml())
         shutil.copyfile(tokenizer_file, tag_dir / "tokenizer.json")
         meta = dict(state, tag=tag, world_size=engine.world_size, zero_stage=cfg.zero.stage)
-        _atomic_write(tag_dir / META, json.dumps(meta, indent=1))
-        _atomic_write(save_dir / LATEST, tag)
+        atomic_write(tag_dir / META, json.dumps(meta, indent=1))
+        atomic_write(save_dir / LATEST, tag)
         _prune(save_dir, keep=cfg.checkpoint.keep_last, latest=tag)
     barrier()
     return tag_dir

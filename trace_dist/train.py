@@ -29,8 +29,12 @@ from typing import Callable, Optional
 import torch
 
 from trace_dist import checkpoint
-from trace_dist.config import ConfigError, TraceConfig, load_config
+from trace_dist.config import TraceConfig, load_config
 from trace_dist.distributed import DistInfo, all_reduce_sum, init_distributed
+from trace_dist.errors import UserError
+from trace_dist.files import atomic_write
+from trace_dist.launch import follow_wrapper
+from trace_dist.runlock import RunLock
 from trace_dist.schedule import kl_beta
 from trace_dist.tblog import TensorBoard
 
@@ -75,7 +79,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: TraceConfig, report: Optional[Report] = None):
+    def __init__(self, cfg: TraceConfig, report: Optional[Report] = None, lock_token: Optional[str] = None):
         import deepspeed
 
         from trace_dist.data import load_tokenizer
@@ -83,6 +87,7 @@ class Trainer:
 
         self.cfg, self.report = cfg, report
         self.dist: DistInfo = init_distributed()
+        self.lock = self._lock_run_dir(lock_token)
         self.tokenizer_file = Path(cfg.data.path) / "tokenizer.json"
         self.tokenizer, self.vocab = load_tokenizer(cfg.data.path)
 
@@ -110,10 +115,23 @@ class Trainer:
         self.tb = TensorBoard(cfg.tensorboard_dir, enabled=cfg.tensorboard and self.dist.is_main)
         if self.dist.is_main:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
-            (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            atomic_write(cfg.run_dir / "config.yaml", cfg.to_yaml())
             self.tb.text("config", "```yaml\n" + cfg.to_yaml() + "\n```", self.state["step"])
 
     # ------------------------------------------------------------------ helpers
+    def _lock_run_dir(self, held_by: Optional[str]) -> Optional[RunLock]:
+        """Rank 0 locks the run directory (unless our launcher holds the lock for us); every rank
+        learns whether it could, so all of them stop together before anything is written."""
+        lock, error = None, None
+        if self.dist.is_main:
+            try:
+                lock = RunLock.acquire(self.cfg.run_dir, held_by=held_by)
+            except UserError as e:
+                error = e
+        if all_reduce_sum(torch.tensor([float(error is not None)])).item() > 0:
+            raise error or UserError(f"rank 0 could not lock {self.cfg.run_dir}")
+        return lock
+
     def log(self, msg: str) -> None:
         if self.dist.is_main:
             print(f"[trace-dist] {msg}", file=sys.stderr, flush=True)
@@ -174,6 +192,8 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.tb.close()
+            if self.lock is not None:
+                self.lock.release()
         result.update(self.state)
         return result
 
@@ -344,9 +364,10 @@ class Trainer:
         return {f"sample_{k}" if k == "len_mean" else k: v for k, v in diversity.items()}
 
 
-def run_training(cfg: TraceConfig, report: Optional[Report] = None) -> dict:
-    """The one training loop (the CLI, the launcher wrapper and Ray Tune trials all come here)."""
-    return Trainer(cfg, report).train()
+def run_training(cfg: TraceConfig, report: Optional[Report] = None, lock_token: Optional[str] = None) -> dict:
+    """The one training loop (the CLI, the launcher wrapper and Ray Tune trials all come here).
+    `lock_token`: the run lock `trace-dist train` holds for these ranks (else rank 0 takes it)."""
+    return Trainer(cfg, report, lock_token).train()
 
 
 # ---------------------------------------------------------------------- CLI
@@ -355,6 +376,8 @@ def parse_args(argv: list[str] | None) -> tuple[TraceConfig, argparse.Namespace]
     p.add_argument("--config", action="append", default=[], help="YAML config; repeat to merge left to right")
     p.add_argument("--resume", help="'auto', 'none' or a checkpoint path (sets checkpoint.resume)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    # set by `trace-dist train`: host:pid:token of the wrapper (see launch.follow_wrapper)
+    p.add_argument("--wrapper", default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
     args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
@@ -363,12 +386,12 @@ def parse_args(argv: list[str] | None) -> tuple[TraceConfig, argparse.Namespace]
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg, _ = parse_args(argv)
-    except ConfigError as e:
+        cfg, args = parse_args(argv)
+        lock_token = follow_wrapper(args.wrapper) if args.wrapper else None
+        result = run_training(cfg, lock_token=lock_token)
+    except UserError as e:
         print(f"trace-dist train: {e}", file=sys.stderr)
         return 2
-    try:
-        result = run_training(cfg)
     except NonFiniteError as e:
         print(f"trace-dist train: {e}", file=sys.stderr)
         return 3
