@@ -111,3 +111,39 @@ def test_sigkill_of_the_wrapper_takes_its_ranks_along_and_a_restart_takes_over(t
     assert r.returncode == 0, r.stderr[-3000:]
     assert "taking over" in r.stderr and "resumed from" in r.stderr
     assert (out / "checkpoints" / "latest").read_text() == "step00000006"
+
+
+# ------------------------------------------------------------------ R1, R2, R9: resume falls back, logs do not repeat
+def plain_train(data, out, *extra):
+    return run([sys.executable, "-m", "trace_dist.train", "--config", "configs/tiny.yaml",
+                *overrides(data, out, "checkpoint.interval=2", "train.samples_to_log=0", *extra)])
+
+
+def steps(run_dir):
+    return [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_resume_falls_back_to_the_newest_complete_checkpoint_and_logs_each_step_once(tiny_data, tmp_path):
+    out, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    r = plain_train(tiny_data, out, "train.max_steps=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    first4 = (out / "metrics.jsonl").read_text()
+    # R1: `latest` names a tag that is not there
+    (ckpt / "latest").write_text("step00000009")
+    r = plain_train(tiny_data, out, "train.max_steps=6")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "names step00000009, which is incomplete (missing)" in r.stderr
+    assert "resumed from" in r.stderr and "at step 4" in r.stderr
+    assert steps(out) == [1, 2, 3, 4, 5, 6] and (out / "metrics.jsonl").read_text().startswith(first4)
+    losses = curve(out)
+    # R2: a rank's optimizer shard of the newest checkpoint is lost
+    shard, = (ckpt / "step00000006").glob("*optim_states.pt")
+    shard.unlink()
+    r = plain_train(tiny_data, out, "train.max_steps=8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{shard.name} is missing" in r.stderr and "at step 4" in r.stderr
+    # R9: steps 5 and 6 ran twice but are logged once, the earlier lines untouched, the re-run exact
+    assert steps(out) == list(range(1, 9)) and (out / "metrics.jsonl").read_text().startswith(first4)
+    assert curve(out)[:6] == losses
+    assert (ckpt / "latest").read_text() == "step00000008"

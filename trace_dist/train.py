@@ -74,6 +74,23 @@ def segment_means(kl_sums: torch.Tensor, counts: torch.Tensor) -> dict[int, floa
     return {k: (kl_sums[k] / counts[k]).item() for k in range(len(counts)) if counts[k] > 0}
 
 
+def drop_records_after(path: Path, step: int) -> None:
+    """Remove the records of steps after `step` from a jsonl log (a killed run logged steps that its
+    resume runs again), keeping every earlier line as it was."""
+    if not path.exists():
+        return
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:  # a line torn by the kill
+            return False
+
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [x for x in lines if keep(x)]
+    if len(kept) != len(lines):
+        atomic_write(path, "".join(kept))
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -94,7 +111,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = TRACE(cfg.model, self.vocab)
 
-        resume = checkpoint.find_resume(cfg)
+        resume = checkpoint.find_resume(cfg, warn=self.log)
         ds_config = cfg.deepspeed_config_dict(self.dist.world_size)
         load_tag = None
         if resume is not None:
@@ -112,9 +129,13 @@ class Trainer:
             self.state.update(client["trace"])
             self.log(f"resumed from {save_dir / resume[1]} at step {self.state['step']}")
         self._prompts: Optional[list[list[int]]] = None  # conditional: the prompts samples continue
-        self.tb = TensorBoard(cfg.tensorboard_dir, enabled=cfg.tensorboard and self.dist.is_main)
+        # events past the resumed step belong to the lost stretch of a killed run: TensorBoard purges them
+        self.tb = TensorBoard(cfg.tensorboard_dir, enabled=cfg.tensorboard and self.dist.is_main,
+                              purge_step=self.state["step"] + 1)
         if self.dist.is_main:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            for name in ("metrics.jsonl", "val_metrics.jsonl", "samples.jsonl"):
+                drop_records_after(cfg.run_dir / name, self.state["step"])
             atomic_write(cfg.run_dir / "config.yaml", cfg.to_yaml())
             self.tb.text("config", "```yaml\n" + cfg.to_yaml() + "\n```", self.state["step"])
 
