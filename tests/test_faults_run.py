@@ -147,3 +147,44 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint_and_logs_each_step_
     assert steps(out) == list(range(1, 9)) and (out / "metrics.jsonl").read_text().startswith(first4)
     assert curve(out)[:6] == losses
     assert (ckpt / "latest").read_text() == "step00000008"
+
+
+# ------------------------------------------------------------------ T2, T7, T8, C8: refused before any process starts
+def _broken_inputs(tiny_data, tmp):
+    """(overrides, expected message) for each input the pre-launch check must refuse."""
+    import shutil
+
+    def data_with(name, edit):
+        d = tmp / name
+        shutil.copytree(tiny_data, d)
+        (d / "manifest.json").write_text(edit((d / "manifest.json").read_text()))
+        return d
+
+    def no_valid(text):
+        m = json.loads(text)
+        m["splits"]["valid"].update(samples=0, shards=[])
+        return json.dumps(m)
+
+    (tmp / "a_file").write_text("not a directory")
+    (tmp / "bad.json").write_text("{ not json")
+    (tmp / "list.json").write_text("[1, 2]")
+    return [
+        ([f"data.path={data_with('novalid', no_valid)}"], "has an empty valid split"),
+        ([f"data.path={data_with('badmanifest', lambda t: t[:40])}"], "manifest.json is not a valid manifest"),
+        ([f"data.path={tiny_data}", f"train.output_dir={tmp / 'a_file'}"], "a_file is a file, not a directory"),
+        ([f"data.path={tiny_data}", f"train.output_dir={tmp / 'a_file' / 'run'}"], "a_file is a file, not a directory"),
+        ([f"data.path={tiny_data}", f"deepspeed_config={tmp / 'bad.json'}"], "bad.json is not valid JSON"),
+        ([f"data.path={tiny_data}", f"deepspeed_config={tmp / 'list.json'}"], "must hold a JSON object, not list"),
+    ]
+
+
+def test_broken_inputs_are_refused_before_anything_starts(tiny_data, tmp_path, capsys):
+    from trace_dist.cli import main as cli
+
+    for extra, message in _broken_inputs(tiny_data, tmp_path):
+        out = tmp_path / "run"
+        args = [f"train.output_dir={out}", *extra]
+        assert cli(["train", "--config", "configs/tiny.yaml", "--nproc", "1", *args]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and err.startswith("trace-dist train: "), err
+        assert not out.exists()
