@@ -118,6 +118,11 @@ class TraceConfig(_Section):
         if self.data.max_segments > self.model.max_segments:
             raise ValueError(f"data.max_segments ({self.data.max_segments}) exceeds model.max_segments "
                              f"({self.model.max_segments})")
+        m = self.model
+        if m.activation_checkpointing and m.checkpoint_impl == "fairscale" and m.share_blocks and self.zero.stage > 0:
+            raise ValueError("model.checkpoint_impl: fairscale's reentrant recompute gives ZeRO the gradients of "
+                             "blocks shared by encoder and decoder twice; use checkpoint_impl torch (or auto), "
+                             "model.share_blocks=false, or zero.stage=0")
         if self.generation.max_new_tokens > self.model.block_size:
             # decoding past block_size has no position embedding: IndexError at the first validation
             raise ValueError(f"generation.max_new_tokens ({self.generation.max_new_tokens}) exceeds "
