@@ -100,3 +100,10 @@ def test_resolved_config_has_absolute_paths_and_embeds_ds_config(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     again = load_config([tmp_path / "config.yaml"])
     assert again == resolved and again.deepspeed_config_dict(2) == cfg.deepspeed_config_dict(2)
+
+
+def test_choices_come_from_the_config():
+    from trace_dist.config import EvalConfig, ModelConfig, choices
+
+    assert choices(ModelConfig, "latent_path") == ("sequential", "parallel", "scan")
+    assert choices(EvalConfig, "split") == ("valid", "test")

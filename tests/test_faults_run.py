@@ -44,6 +44,7 @@ def test_max_new_tokens_beyond_block_size_is_refused_before_start(tiny_data, tmp
     assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_conditional_model_trains_through_validation_and_checkpoint(conditional_data, tmp_path):
     out = tmp_path / "run"
     result, = run_ranks(_train, 1, conditional_data, out,

@@ -14,6 +14,7 @@ import copy
 import difflib
 import json
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -200,6 +201,12 @@ class TraceConfig(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def choices(section: type[BaseModel], field: str) -> tuple[str, ...]:
+    """The allowed values of a Literal config field (argparse `choices=` take them from here, so each
+    list of names lives in the config only)."""
+    return typing.get_args(section.model_fields[field].annotation)
 
 
 # -------------------------------------------------------------------- loading
