@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     lock = RunLock.acquire(cfg.run_dir) if first_node else None
     try:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)  # another node's wrapper may not have created it yet
         atomic_write(config_file, cfg.to_yaml())
         env = dict(os.environ)
         if not cuda:
