@@ -189,3 +189,21 @@ def test_broken_inputs_are_refused_before_anything_starts(tiny_data, tmp_path, c
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1 and err.startswith("trace-dist train: "), err
         assert not out.exists()
+
+
+def test_log_truncation_and_checkpoint_completeness_on_real_files(tmp_path):
+    from trace_dist.checkpoint import META, incomplete
+    from trace_dist.runlog import drop_records_after
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 1.0}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')  # killed mid-line
+    drop_records_after(log, 2)
+    assert log.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2}\n'
+    tag = tmp_path / "step00000002"
+    tag.mkdir()
+    assert incomplete(tag) == f"no {META} (the save did not finish)" and incomplete(tmp_path / "nope") == "missing"
+    (tag / "shard.pt").write_bytes(b"12345")
+    (tag / META).write_text(json.dumps({"step": 2, "files": {"shard.pt": 5}}))
+    assert incomplete(tag) is None
+    (tag / "shard.pt").write_bytes(b"123")
+    assert incomplete(tag) == "shard.pt is truncated"
