@@ -78,12 +78,17 @@ class Trainer:
         self.cfg, self.report = cfg, report
         self.dist: DistInfo = init_distributed()
         self.lock = self._lock_run_dir(lock_token)
-        self.tokenizer_file = Path(cfg.data.path) / "tokenizer.json"
-        self.tokenizer, self.vocab = load_tokenizer(cfg.data.path)
-        self.engine, self.state = build_engine(cfg, self.dist, self.vocab, log=printer(self.dist.is_main))
-        self.log = RunLog(cfg, self.dist.is_main, start_step=self.state["step"], on_step=on_step)
-        self.log.config(self.state["step"])
-        self.validate = Validator(cfg, self.engine, self.dist, self.vocab, self.tokenizer)
+        try:
+            self.tokenizer_file = Path(cfg.data.path) / "tokenizer.json"
+            self.tokenizer, self.vocab = load_tokenizer(cfg.data.path)
+            self.engine, self.state = build_engine(cfg, self.dist, self.vocab, log=printer(self.dist.is_main))
+            self.log = RunLog(cfg, self.dist.is_main, start_step=self.state["step"], on_step=on_step)
+            self.log.config(self.state["step"])
+            self.validate = Validator(cfg, self.engine, self.dist, self.vocab, self.tokenizer)
+        except BaseException:  # a long-lived process (Ray worker, tests) must not keep the directory locked
+            if self.lock is not None:
+                self.lock.release()
+            raise
 
     def _lock_run_dir(self, held_by: Optional[str]) -> Optional[RunLock]:
         """Rank 0 locks the run directory (unless our launcher holds the lock for us); every rank
