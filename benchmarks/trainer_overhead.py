@@ -1,8 +1,8 @@
 """What does the trainer cost over a bare DeepSpeed loop? tokens/s of `run_training` vs a hand-written loop.
 
 Side by side in one process, same thread count, same model, same DeepSpeed config, same batches:
-  A. trainer: `Trainer(cfg).train()` (what `run_training(cfg)` and `trace-dist train` run; a
-     subclass only notes the time when each step's metrics.jsonl line has been written);
+  A. trainer: `Trainer(cfg).train()` (what `run_training(cfg)` and `trace-dist train` run; its
+     public `on_step` hook notes the time when each step's metrics.jsonl line has been written);
   B. bare:    deepspeed.initialize(TRACE) and `out = engine(batch); engine.backward(out.loss);
      engine.step()` on batches from the same `trace_dist.data.train_loader` stream.
 Each run builds a fresh engine and trains `--steps` steps from step 0; the first `--warmup` steps
@@ -37,30 +37,22 @@ from trace_dist.model import TRACE
 from trace_dist.train import Trainer
 
 
-class StampedTrainer(Trainer):
-    """The real Trainer; notes (time, tokens so far, its own step seconds) as each step's
-    metrics.jsonl line is written."""
-
-    def __init__(self, cfg, report=None):
-        super().__init__(cfg, report)
-        self.stamps: list[tuple[float, int, float]] = []
-
-    def _jsonl(self, name: str, record: dict) -> None:
-        super()._jsonl(name, record)
-        if name == "metrics.jsonl":
-            step_tokens = self.state["tokens"] - (self.stamps[-1][1] if self.stamps else 0)
-            self.stamps.append((time.perf_counter(), self.state["tokens"], step_tokens / record["tokens_per_s"]))
-
-
 def steps_of(stamps: list[tuple], warmup: int) -> list[tuple[float, int]]:
     """(seconds, tokens) of each step after the first `warmup`."""
     return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps[warmup - 1:], stamps[warmup:])]
 
 
 def trainer_run(cfg) -> list[tuple[float, int, float]]:
-    trainer = StampedTrainer(cfg)
-    trainer.train()
-    return trainer.stamps
+    """The real Trainer; its public `on_step` hook notes (time, tokens so far, the trainer's own
+    step seconds) as each step's metrics.jsonl line has been written."""
+    stamps: list[tuple[float, int, float]] = []
+
+    def stamp(record: dict) -> None:
+        step_tokens = record["tokens"] - (stamps[-1][1] if stamps else 0)
+        stamps.append((time.perf_counter(), record["tokens"], step_tokens / record["tokens_per_s"]))
+
+    Trainer(cfg, on_step=stamp).train()
+    return stamps
 
 
 def bare_run(cfg, vocab) -> list[tuple[float, int]]:

@@ -1,5 +1,7 @@
 """Typed config: extends/merge, dotted overrides, errors that name the field, ds_config patching."""
 
+from pathlib import Path
+
 import pytest
 
 from trace_dist.config import ConfigError, load_config, parse_overrides
@@ -30,6 +32,7 @@ def test_later_files_win(tmp_path):
     ("precision=fp8", "precision"),
     ("data.segment=fixed:0", "data.segment"),
     ("model.n_head=3", "n_embd (128) must be divisible by n_head (3)"),
+    ("generation.max_new_tokens=600", "generation.max_new_tokens (600) exceeds model.block_size (512)"),
 ])
 def test_errors_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:
@@ -73,3 +76,34 @@ def test_kl_schedules():
     cyc = KLConfig(beta=1.0, schedule="cyclical", cycles=2, ratio_zero=0.25, ratio_increase=0.5)
     # period 50: zero for 12.5 steps, rising until 37.5, then flat; repeats
     assert [kl_beta(cyc, s, 100) for s in (0, 12, 25, 40, 50, 75)] == [0.0, 0.0, 0.5, 1.0, 0.0, 0.5]
+
+
+def test_fairscale_recompute_of_shared_blocks_under_zero_is_refused():
+    on = ["model.activation_checkpointing=true", "model.checkpoint_impl=fairscale"]
+    with pytest.raises(ConfigError, match="fairscale's reentrant recompute"):
+        load_config([], on)
+    load_config([], on + ["model.share_blocks=false"])
+    load_config([], on + ["zero.stage=0"])
+
+
+def test_resolved_config_has_absolute_paths_and_embeds_ds_config(tmp_path, monkeypatch):
+    import json
+
+    cfg = load_config(["configs/tiny.yaml"], ["data.path=rel/data", "train.output_dir=rel/run",
+                                             "checkpoint.resume=rel/ckpt"])
+    resolved = cfg.resolved()
+    assert resolved.data.path == str(Path.cwd() / "rel/data") and resolved.train.output_dir == str(Path.cwd() / "rel/run")
+    assert resolved.checkpoint.resume == str(Path.cwd() / "rel/ckpt")
+    assert resolved.deepspeed_config == json.loads(Path("ds_config.json").read_text())
+    # what the ranks read back: the same config, from any directory, with the file gone
+    (tmp_path / "config.yaml").write_text(resolved.to_yaml())
+    monkeypatch.chdir(tmp_path)
+    again = load_config([tmp_path / "config.yaml"])
+    assert again == resolved and again.deepspeed_config_dict(2) == cfg.deepspeed_config_dict(2)
+
+
+def test_choices_come_from_the_config():
+    from trace_dist.config import EvalConfig, ModelConfig, choices
+
+    assert choices(ModelConfig, "latent_path") == ("sequential", "parallel", "scan")
+    assert choices(EvalConfig, "split") == ("valid", "test")

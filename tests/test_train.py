@@ -92,13 +92,15 @@ def test_gradient_accumulation_consumes_grad_accum_batches_per_step(tiny_data, t
 
 def test_activation_checkpointing_gives_identical_losses(tiny_data, tmp_path):
     runs = {}
+    # fairscale (reentrant) with the shared blocks of this config is refused by the config (test_config)
     for name, extra in {"off": [], "torch": ["model.activation_checkpointing=true", "model.checkpoint_impl=torch"],
-                        "fairscale": ["model.activation_checkpointing=true",
-                                      "model.checkpoint_impl=fairscale"]}.items():
-        run_ranks(_train, 1, tiny_data, tmp_path / name, ["train.max_steps=3", "train.samples_to_log=0"],
+                        "auto": ["model.activation_checkpointing=true"]}.items():
+        run_ranks(_train, 1, tiny_data, tmp_path / name, ["train.max_steps=3", "train.samples_to_log=0", *extra],
                   tmp_path=tmp_path)
+        config = (tmp_path / name / "config.yaml").read_text()
+        assert ("activation_checkpointing: true" in config) == bool(extra)  # the switch really reached the run
         runs[name] = curve(tmp_path / name)
-    assert runs["off"] == runs["torch"] == runs["fairscale"]
+    assert runs["off"] == runs["torch"] == runs["auto"]
 
 
 def test_nonfinite_loss_is_skipped_and_counted(tiny_data, tmp_path):

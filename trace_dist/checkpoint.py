@@ -13,35 +13,35 @@ Resuming on a different number of ranks goes through DeepSpeed's universal check
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from trace_dist.config import TraceConfig, load_config
 from trace_dist.distributed import barrier
+from trace_dist.errors import UserError
+from trace_dist.files import atomic_write
 
 META = "trace_meta.json"
 LATEST = "latest"
 WEIGHTS = "model.safetensors"
 
 
+class CheckpointError(UserError, FileNotFoundError):
+    """No usable checkpoint where one was asked for; the message names the path."""
+
+
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save(engine, cfg: TraceConfig, state: dict, tokenizer_file: Path, is_main: bool) -> Path:
-    """Collective: every rank writes its shard; rank 0 then marks the tag complete and prunes."""
+    """Collective: every rank writes its shard; rank 0 then records what was written (the meta is
+    the completion mark), points `latest` at the tag and prunes."""
     from deepspeed.checkpoint import UNIVERSAL_CHECKPOINT_INFO
 
     save_dir = cfg.checkpoint_dir
@@ -51,14 +51,32 @@ def save(engine, cfg: TraceConfig, state: dict, tokenizer_file: Path, is_main: b
     barrier()
     tag_dir = save_dir / tag
     if is_main:
-        (tag_dir / "config.yaml").write_text(cfg.to_yaml())
+        atomic_write(tag_dir / "config.yaml", cfg.to_yaml())
         shutil.copyfile(tokenizer_file, tag_dir / "tokenizer.json")
-        meta = dict(state, tag=tag, world_size=engine.world_size, zero_stage=cfg.zero.stage)
-        _atomic_write(tag_dir / META, json.dumps(meta, indent=1))
-        _atomic_write(save_dir / LATEST, tag)
+        # every rank's files, with their sizes: a resume checks them all (a lost shard, a truncated copy)
+        files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}
+        meta = dict(state, tag=tag, world_size=engine.world_size, zero_stage=cfg.zero.stage, files=files)
+        atomic_write(tag_dir / META, json.dumps(meta, indent=1))
+        atomic_write(save_dir / LATEST, tag)
         _prune(save_dir, keep=cfg.checkpoint.keep_last, latest=tag)
     barrier()
     return tag_dir
+
+
+def incomplete(tag_dir: Path) -> Optional[str]:
+    """Why `tag_dir` is not a complete checkpoint (None if it is): its meta must exist and every file
+    the meta lists must be there with its recorded size."""
+    try:
+        meta = json.loads((tag_dir / META).read_text())
+    except FileNotFoundError:
+        return f"no {META} (the save did not finish)" if tag_dir.is_dir() else "missing"
+    except ValueError:
+        return f"unreadable {META}"
+    for name, size in meta.get("files", {}).items():  # checkpoints written before the list: meta only
+        f = tag_dir / name
+        if not f.is_file() or f.stat().st_size != size:
+            return f"{name} is {'missing' if not f.is_file() else 'truncated'}"
+    return None
 
 
 def _prune(save_dir: Path, keep: int, latest: str) -> None:
@@ -74,26 +92,51 @@ def _prune(save_dir: Path, keep: int, latest: str) -> None:
 
 
 def locate(path: Path | str) -> tuple[Path, str, dict]:
-    """A run dir, its checkpoints dir, or one tag dir -> (save_dir, tag, meta)."""
+    """A run dir, its checkpoints dir, or one tag dir -> (save_dir, tag, meta) of a complete checkpoint."""
     path = Path(path)
     if (path / META).exists():
+        why = incomplete(path)
+        if why is not None:
+            raise CheckpointError(f"checkpoint {path} is incomplete: {why}")
         return path.parent, path.name, json.loads((path / META).read_text())
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     if (path / LATEST).exists():
         tag = (path / LATEST).read_text().strip()
         return locate(path / tag)
-    raise FileNotFoundError(f"no complete TRACE checkpoint at {path} (expected a '{LATEST}' file or a tag "
-                            f"directory with {META})")
+    raise CheckpointError(f"no complete TRACE checkpoint at {path} (expected a '{LATEST}' file or a tag "
+                          f"directory with {META})")
 
 
-def find_resume(cfg: TraceConfig) -> Optional[tuple[Path, str, dict]]:
+def find_resume(cfg: TraceConfig, warn: Callable[[str], None]) -> Optional[tuple[Path, str, dict]]:
+    """What `checkpoint.resume` says to resume from: None (a fresh start), or (save_dir, tag, meta).
+    `auto` falls back from a `latest` whose tag is missing or incomplete to the newest complete tag."""
     spec = cfg.checkpoint.resume
     if spec == "none":
         return None
-    if spec == "auto":
-        return locate(cfg.checkpoint_dir) if (cfg.checkpoint_dir / LATEST).exists() else None
-    return locate(spec)
+    if spec != "auto":
+        return locate(spec)
+    save_dir = cfg.checkpoint_dir
+    latest = save_dir / LATEST
+    if latest.exists():
+        tag = latest.read_text().strip()
+        why = incomplete(save_dir / tag)
+        if why is None:
+            return locate(save_dir / tag)
+        warn(f"warning: {latest} names {tag}, which is incomplete ({why}); looking for an older checkpoint")
+    tags = sorted((p for p in save_dir.glob("step*") if p.is_dir() and not p.name.endswith("_universal")),
+                  reverse=True)
+    for p in tags:
+        why = incomplete(p)
+        if why is None:
+            if latest.exists():
+                warn(f"warning: resuming from {p.name}, the newest complete checkpoint")
+            return locate(p)
+        warn(f"warning: skipping {p.name}: {why}")
+    if latest.exists():
+        raise CheckpointError(f"checkpoint.resume=auto: no complete checkpoint in {save_dir}; set "
+                              f"checkpoint.resume=none to start over (its checkpoints will be replaced)")
+    return None
 
 
 def to_universal(save_dir: Path, tag: str, is_main: bool) -> str:

@@ -14,8 +14,9 @@ import copy
 import difflib
 import json
 import os
+import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -73,6 +74,9 @@ class KLConfig(_Section):
         return self
 
 
+RESUME_MODES = ("auto", "none")
+
+
 class CheckpointConfig(_Section):
     interval: int = Field(100, ge=1, description="save every N optimizer steps (and at the end)")
     keep_last: int = Field(2, ge=1, description="checkpoints kept; older ones are deleted")
@@ -102,7 +106,9 @@ class TraceConfig(_Section):
     generation: GenerationConfig = GenerationConfig()
     eval: EvalConfig = EvalConfig()
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    deepspeed_config: str = Field("ds_config.json", description="base DeepSpeed config, patched by the keys above")
+    deepspeed_config: Union[str, dict[str, Any]] = Field(
+        "ds_config.json", description="base DeepSpeed config, patched by the keys above: a JSON file, or its "
+                                      "content (what `resolved()` embeds)")
     tensorboard: bool = True
 
     @model_validator(mode="after")
@@ -113,6 +119,15 @@ class TraceConfig(_Section):
         if self.data.max_segments > self.model.max_segments:
             raise ValueError(f"data.max_segments ({self.data.max_segments}) exceeds model.max_segments "
                              f"({self.model.max_segments})")
+        m = self.model
+        if m.activation_checkpointing and m.checkpoint_impl == "fairscale" and m.share_blocks and self.zero.stage > 0:
+            raise ValueError("model.checkpoint_impl: fairscale's reentrant recompute gives ZeRO the gradients of "
+                             "blocks shared by encoder and decoder twice; use checkpoint_impl torch (or auto), "
+                             "model.share_blocks=false, or zero.stage=0")
+        if self.generation.max_new_tokens > self.model.block_size:
+            # decoding past block_size has no position embedding: IndexError at the first validation
+            raise ValueError(f"generation.max_new_tokens ({self.generation.max_new_tokens}) exceeds "
+                             f"model.block_size ({self.model.block_size})")
         return self
 
     # ---------------------------------------------------------------- derived
@@ -130,7 +145,8 @@ class TraceConfig(_Section):
 
     def deepspeed_config_dict(self, world_size: int = 1) -> dict[str, Any]:
         """ds_config.json patched by the typed keys (the typed keys always win)."""
-        ds = copy.deepcopy(_load_json(resolve_path(self.deepspeed_config)))
+        ds = copy.deepcopy(self.deepspeed_config if isinstance(self.deepspeed_config, dict)
+                           else _load_json(resolve_path(self.deepspeed_config)))
         ds["train_micro_batch_size_per_gpu"] = self.train.micro_batch_size
         ds["gradient_accumulation_steps"] = self.train.grad_accum
         ds["train_batch_size"] = self.train.micro_batch_size * self.train.grad_accum * world_size
@@ -159,6 +175,21 @@ class TraceConfig(_Section):
         ds.pop("tensorboard", None)  # we write our own events (DeepSpeed no longer logs the loss)
         return ds
 
+    def resolved(self) -> "TraceConfig":
+        """This config with every path absolute (from this process's working directory) and the DeepSpeed
+        base config embedded: what `trace-dist train` writes once and hands to every rank, so no rank
+        re-reads a file that may have changed or resolves a path from another directory or node."""
+        raw = self.model_dump(mode="json")
+        raw["data"]["path"] = os.path.abspath(self.data.path)
+        raw["train"]["output_dir"] = os.path.abspath(self.train.output_dir)
+        if self.model.init_from:
+            raw["model"]["init_from"] = os.path.abspath(self.model.init_from)
+        if self.checkpoint.resume not in RESUME_MODES:
+            raw["checkpoint"]["resume"] = os.path.abspath(self.checkpoint.resume)
+        if isinstance(self.deepspeed_config, str):
+            raw["deepspeed_config"] = _load_json(resolve_path(self.deepspeed_config))
+        return build_config(raw)
+
     def flat(self) -> dict[str, Any]:
         """{'model.n_layer': 4, ...}: every leaf under its dotted key (the override syntax)."""
         def walk(node: dict, prefix: str) -> dict:
@@ -170,6 +201,12 @@ class TraceConfig(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def choices(section: type[BaseModel], field: str) -> tuple[str, ...]:
+    """The allowed values of a Literal config field (argparse `choices=` take them from here, so each
+    list of names lives in the config only)."""
+    return typing.get_args(section.model_fields[field].annotation)
 
 
 # -------------------------------------------------------------------- loading
@@ -184,11 +221,14 @@ def resolve_path(path: str | os.PathLike) -> Path:
 
 def _load_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+        ds = json.loads(path.read_text())
+    except (FileNotFoundError, IsADirectoryError):
         raise ConfigError(f"deepspeed_config: file not found: {path}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"deepspeed_config: {path} is not valid JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"deepspeed_config: {path} must hold a JSON object, not {type(ds).__name__}")
+    return ds
 
 
 def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:

@@ -97,6 +97,13 @@ def all_reduce_named(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
+def accumulate(sums: dict[str, torch.Tensor], values: Mapping[str, torch.Tensor | float]) -> None:
+    """sums[name] += values[name], in float64 on the CPU (what all_reduce_named sends)."""
+    for name, v in values.items():
+        v = torch.as_tensor(v).detach().to("cpu", torch.float64)
+        sums[name] = sums[name] + v if name in sums else v
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

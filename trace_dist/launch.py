@@ -6,11 +6,18 @@
     trace-dist train ... --dry-run                                                  # print the command
 
 Everything that can be checked before a process starts is checked here: the config (errors name
-the field, exit 2), the prepared data, the precision against the hardware. The launcher then runs
-in its own session; SIGTERM/SIGINT sent to this process (a scheduler's preemption notice, Ctrl-C)
-are forwarded to the training ranks themselves, which checkpoint at the next step boundary and
-exit 0, so this command exits 0 too. (Signalling the deepspeed launcher instead makes it kill the
-ranks after 30 s and exit 1.)
+the field, exit 2), the prepared data, the run directory, the precision against the hardware. The
+config is then resolved once (paths absolute, ds_config embedded) and written to
+`<output_dir>/config.yaml`, and every rank runs on that one file: no rank re-reads the user's
+files or resolves a path from another directory. This process holds the run directory's lock
+(`trace_dist.runlock`) for the whole run.
+
+The launcher runs in its own session; SIGTERM/SIGINT sent to this process (a scheduler's
+preemption notice, Ctrl-C) are forwarded to the training ranks themselves, which checkpoint at the
+next step boundary and exit 0, so this command exits 0 too. (Signalling the deepspeed launcher
+instead makes it kill the ranks after 30 s and exit 1.) If this process dies without a chance to
+forward anything (SIGKILL, OOM killer), the launcher dies with it (PR_SET_PDEATHSIG) and the ranks
+on this host follow within a second (`follow_wrapper`), so a restart never collides with them.
 """
 
 from __future__ import annotations
@@ -19,12 +26,18 @@ import argparse
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Optional
 
 from trace_dist.config import ConfigError, TraceConfig, load_config
 from trace_dist.distributed import free_port
+from trace_dist.files import atomic_write
+from trace_dist.runlock import RunLock
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -48,16 +61,40 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def preflight(cfg: TraceConfig, cuda: bool) -> None:
     """Problems that would otherwise surface minutes later, on every rank."""
+    from trace_dist.data import manifest
+
     data = Path(cfg.data.path)
     for needed in ("manifest.json", "tokenizer.json"):
         if not (data / needed).exists():
             raise ConfigError(f"data.path: {data} has no {needed}; prepare it first, e.g. "
                               f"`trace-dist prepare --input builtin:pydoc --output {data}`")
+    try:
+        splits = manifest(data)["splits"]
+        valid = int(splits["valid"]["samples"])
+    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable, not JSON, not a manifest
+        raise ConfigError(f"data.path: {data / 'manifest.json'} is not a valid manifest ({type(e).__name__}: {e}); "
+                          f"prepare the data again") from None
+    if valid < 1:
+        raise ConfigError(f"data.path: {data} has an empty valid split, which validation needs; prepare it "
+                          f"again with a larger --valid-fraction")
+    _check_writable(cfg.run_dir)
     if cfg.precision == "fp16" and not cuda:
         raise ConfigError("precision: fp16 is not supported by DeepSpeed on CPU; use bf16 or fp32")
 
 
-def command(args: argparse.Namespace, nproc: int) -> list[str]:
+def _check_writable(run_dir: Path) -> None:
+    """The run directory, or the nearest existing ancestor it would be created in, must be a writable directory."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"train.output_dir: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.output_dir: {existing} is not writable")
+
+
+def command(args: argparse.Namespace, nproc: int, config_file: Path, wrapper: str) -> list[str]:
+    """The deepspeed launcher running `trace_dist.train` on the resolved config file, with no overrides."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
     multi_node = args.hostfile is not None
     if multi_node:
@@ -74,41 +111,78 @@ def command(args: argparse.Namespace, nproc: int) -> list[str]:
     cmd += ["--master_port", str(port)]
     if args.launcher:
         cmd += ["--launcher", args.launcher]
-    cmd += ["--module", "trace_dist.train"]
-    for c in args.config:
-        cmd += ["--config", c]
-    if args.resume:
-        cmd += ["--resume", args.resume]
-    return cmd + list(args.overrides)
+    return cmd + ["--module", "trace_dist.train", "--config", str(config_file), "--wrapper", wrapper]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    try:
-        if args.no_ssh and (args.node_rank is None or not args.master_addr or not args.hostfile):
-            raise ConfigError("--no-ssh needs --hostfile, --node-rank and --master-addr")
-        if args.nproc is not None and args.nproc < 1:
-            raise ConfigError("--nproc must be >= 1")
-        overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
-        cfg = load_config(args.config, overrides)
-        import torch
+    if args.no_ssh and (args.node_rank is None or not args.master_addr or not args.hostfile):
+        raise ConfigError("--no-ssh needs --hostfile, --node-rank and --master-addr")
+    if args.nproc is not None and args.nproc < 1:
+        raise ConfigError("--nproc must be >= 1")
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    cfg = load_config(args.config, overrides).resolved()
+    import torch
 
-        cuda = torch.cuda.is_available()
-        preflight(cfg, cuda)
-    except ConfigError as e:
-        print(f"trace-dist train: {e}", file=sys.stderr)
-        return 2
+    cuda = torch.cuda.is_available()
+    preflight(cfg, cuda)
     nproc = args.nproc or (torch.cuda.device_count() if cuda else 2)
-    cmd = command(args, nproc)
+    # node 0 (or the only node) owns the run directory; other nodes of a --no-ssh job run on their own file
+    first_node = not args.node_rank
+    config_file = cfg.run_dir / ("config.yaml" if first_node else f"config.node{args.node_rank}.yaml")
     if args.dry_run:
-        print(shlex.join(cmd))
+        print(shlex.join(command(args, nproc, config_file, wrapper_id(""))))
         return 0
-    env = dict(os.environ)
-    if not cuda:
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    # the deepspeed launcher leaves OMP threads unset: share the cores instead of oversubscribing
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return supervise(cmd, env)
+    lock = RunLock.acquire(cfg.run_dir) if first_node else None
+    try:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)  # another node's wrapper may not have created it yet
+        atomic_write(config_file, cfg.to_yaml())
+        env = dict(os.environ)
+        if not cuda:
+            env.setdefault("DS_ACCELERATOR", "cpu")
+        # the deepspeed launcher leaves OMP threads unset: share the cores instead of oversubscribing
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        return supervise(command(args, nproc, config_file, wrapper_id(lock.token if lock else "")), env)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+# ---------------------------------------------------------------------- the wrapper and its ranks
+def wrapper_id(token: str) -> str:
+    """`host:pid:token` of this process, handed to the ranks: they follow this process's death (on
+    its host) and rank 0 recognises the run lock held for it by `token`."""
+    return f"{socket.gethostname()}:{os.getpid()}:{token}"
+
+
+def follow_wrapper(wrapper: str) -> Optional[str]:
+    """In a rank: exit as soon as the `trace-dist train` process that started us is gone (checked
+    every second, on its host only). Returns the run-lock token it holds for us (None if none)."""
+    host, pid, token = wrapper.split(":", 2)
+    if host == socket.gethostname():
+        import psutil
+
+        try:
+            parent = psutil.Process(int(pid))
+        except psutil.NoSuchProcess:
+            parent = None
+
+        def watch() -> None:
+            while parent is not None and parent.is_running():  # is_running() also detects a reused pid
+                time.sleep(1.0)
+            print(f"[trace-dist] the trace-dist train process ({pid}) is gone: exiting", file=sys.stderr, flush=True)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="follow-wrapper", daemon=True).start()
+    return token or None
+
+
+def _die_with_parent() -> None:
+    """preexec_fn of the launcher: SIGKILL it when this wrapper dies (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _ranks(launcher_pid: int) -> list:
@@ -130,7 +204,8 @@ def _ranks(launcher_pid: int) -> list:
 
 def supervise(cmd: list[str], env: dict) -> int:
     """Run the launcher in its own session; forward preemption signals to the ranks."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
     def forward(signum, frame):
         ranks = _ranks(proc.pid)
@@ -145,4 +220,6 @@ def supervise(cmd: list[str], env: dict) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from trace_dist.cli import main as cli
+
+    sys.exit(cli(["train", *sys.argv[1:]]))

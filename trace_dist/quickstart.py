@@ -3,7 +3,7 @@
     prepare builtin:pydoc -> data/pydoc             (skipped when already prepared)
     trace-dist train --nproc 2                      (DeepSpeed ZeRO-2, 2 CPU ranks or GPUs)
     trace-dist eval on the test split, 2 ranks      (PPL/ELBO/KL/MI/AU, BLEU/Self-BLEU/Distinct)
-    trace-dist generate: prior samples, a reconstruction
+    trace-dist generate: samples from the prior
 and prints where the TensorBoard logs are. Each step is the same command a user would type, run
 as a subprocess, so the quickstart exercises exactly what the README documents.
 """

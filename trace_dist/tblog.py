@@ -10,8 +10,9 @@ from torch.utils.tensorboard import SummaryWriter
 class TensorBoard:
     """A SummaryWriter on rank 0 and a no-op elsewhere, so call sites need no rank checks."""
 
-    def __init__(self, log_dir: Path | str, enabled: bool = True):
-        self.writer = SummaryWriter(log_dir=str(log_dir)) if enabled else None
+    def __init__(self, log_dir: Path | str, enabled: bool = True, purge_step: int | None = None):
+        """purge_step: a resumed run's first step; events at or after it from earlier runs are hidden."""
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step) if enabled else None
 
     def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
         if self.writer is None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trace_dist.model.checkpointing import wrap_block
+from trace_dist.model.recompute import wrap_block
 from trace_dist.model.config import ModelConfig
 
 

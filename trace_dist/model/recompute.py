@@ -1,7 +1,10 @@
 """Activation checkpointing of one Transformer block, behind one switch.
 
-`fairscale.nn.checkpoint_wrapper` when requested (or, for `auto`, when importable), else
-`torch.utils.checkpoint.checkpoint(use_reentrant=False)`. Both patch the block's `forward` in place,
+`torch.utils.checkpoint.checkpoint(use_reentrant=False)` (also for `auto`), or
+`fairscale.nn.checkpoint_wrapper` when requested. fairscale's wrapper is reentrant: it runs each
+use of a block's backward separately, so blocks shared by encoder and decoder (`model.share_blocks`)
+hand their gradients to ZeRO twice, which DeepSpeed refuses ("Gradient computed twice"); the config
+refuses that combination up front (`TraceConfig`). Both patch the block's `forward` in place,
 so parameter names (and therefore checkpoints and GPT-2 loading) do not depend on the switch, and
 both fall back to the plain forward when autograd is off (evaluation, generation with a KV cache).
 """
@@ -17,11 +20,10 @@ from torch.utils.checkpoint import checkpoint
 
 
 def resolve_impl(impl: str) -> str:
-    """'auto' -> 'fairscale' if importable else 'torch'; 'fairscale' must be importable."""
-    available = importlib.util.find_spec("fairscale") is not None
+    """'auto' -> 'torch' (non-reentrant: shared blocks work); 'fairscale' must be importable."""
     if impl == "auto":
-        return "fairscale" if available else "torch"
-    if impl == "fairscale" and not available:
+        return "torch"
+    if impl == "fairscale" and importlib.util.find_spec("fairscale") is None:
         raise ImportError("model.checkpoint_impl='fairscale' but fairscale is not installed "
                           "(pip install fairscale, or use 'torch')")
     if impl not in ("fairscale", "torch"):

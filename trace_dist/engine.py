@@ -1,0 +1,47 @@
+"""The DeepSpeed engine of a run: the model, the resume lookup, and the checkpoint loaded into it.
+
+Every rank builds the same initial weights (one seed), looks up the same checkpoint and, when it
+was written by another number of ranks under ZeRO 1-3, loads DeepSpeed's universal conversion of it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from trace_dist import checkpoint
+from trace_dist.config import TraceConfig
+from trace_dist.distributed import DistInfo
+
+
+def fresh_state() -> dict:
+    """What a run carries besides the engine's own state (saved in each checkpoint's client state)."""
+    return {"step": 0, "data_position": 0, "nonfinite_total": 0, "skipped_steps": 0, "tokens": 0}
+
+
+def build_engine(cfg: TraceConfig, dist: DistInfo, vocab, log: Callable[[str], None]) -> tuple[object, dict]:
+    """-> (DeepSpeed engine, run state), resumed as `checkpoint.resume` says."""
+    import deepspeed
+
+    from trace_dist.model import TRACE
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = TRACE(cfg.model, vocab)
+    resume = checkpoint.find_resume(cfg, warn=log)
+    ds_config = cfg.deepspeed_config_dict(dist.world_size)
+    load_tag = None
+    if resume is not None:
+        save_dir, load_tag, meta = resume
+        if meta["world_size"] != dist.world_size and meta.get("zero_stage", 0) > 0:
+            log(f"checkpoint {load_tag} was written by {meta['world_size']} ranks, resuming on "
+                f"{dist.world_size}: converting it to DeepSpeed's universal format")
+            load_tag = checkpoint.to_universal(save_dir, load_tag, dist.is_main)
+            ds_config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    state = fresh_state()
+    if resume is not None:
+        _, client = engine.load_checkpoint(str(save_dir), tag=load_tag)
+        state.update(client["trace"])
+        log(f"resumed from {save_dir / resume[1]} at step {state['step']}")
+    return engine, state
