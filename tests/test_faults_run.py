@@ -170,8 +170,8 @@ def _broken_inputs(tiny_data, tmp):
     (tmp / "bad.json").write_text("{ not json")
     (tmp / "list.json").write_text("[1, 2]")
     return [
-        ([f"data.path={data_with('novalid', no_valid)}"], "has an empty valid split"),
-        ([f"data.path={data_with('badmanifest', lambda t: t[:40])}"], "manifest.json is not a valid manifest"),
+        ([f"data.path={data_with('novalid', no_valid)}"], "the valid split is empty"),
+        ([f"data.path={data_with('badmanifest', lambda t: t[:40])}"], "manifest.json: not valid JSON"),
         ([f"data.path={tiny_data}", f"train.output_dir={tmp / 'a_file'}"], "a_file is a file, not a directory"),
         ([f"data.path={tiny_data}", f"train.output_dir={tmp / 'a_file' / 'run'}"], "a_file is a file, not a directory"),
         ([f"data.path={tiny_data}", f"deepspeed_config={tmp / 'bad.json'}"], "bad.json is not valid JSON"),

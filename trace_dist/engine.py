@@ -24,6 +24,7 @@ def build_engine(cfg: TraceConfig, dist: DistInfo, vocab, log: Callable[[str], N
     """-> (DeepSpeed engine, run state), resumed as `checkpoint.resume` says."""
     import deepspeed
 
+    from trace_dist.data import check_same_tokenizer
     from trace_dist.model import TRACE
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -33,6 +34,7 @@ def build_engine(cfg: TraceConfig, dist: DistInfo, vocab, log: Callable[[str], N
     load_tag = None
     if resume is not None:
         save_dir, load_tag, meta = resume
+        check_same_tokenizer(cfg.data.path, save_dir / load_tag / "tokenizer.json", what=f"checkpoint {save_dir / load_tag}")
         if meta["world_size"] != dist.world_size and meta.get("zero_stage", 0) > 0:
             log(f"checkpoint {load_tag} was written by {meta['world_size']} ranks, resuming on "
                 f"{dist.world_size}: converting it to DeepSpeed's universal format")

@@ -61,22 +61,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def preflight(cfg: TraceConfig, cuda: bool) -> None:
     """Problems that would otherwise surface minutes later, on every rank."""
-    from trace_dist.data import manifest
+    from trace_dist.data import check_data
 
-    data = Path(cfg.data.path)
-    for needed in ("manifest.json", "tokenizer.json"):
-        if not (data / needed).exists():
-            raise ConfigError(f"data.path: {data} has no {needed}; prepare it first, e.g. "
-                              f"`trace-dist prepare --input builtin:pydoc --output {data}`")
-    try:
-        splits = manifest(data)["splits"]
-        valid = int(splits["valid"]["samples"])
-    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable, not JSON, not a manifest
-        raise ConfigError(f"data.path: {data / 'manifest.json'} is not a valid manifest ({type(e).__name__}: {e}); "
-                          f"prepare the data again") from None
-    if valid < 1:
-        raise ConfigError(f"data.path: {data} has an empty valid split, which validation needs; prepare it "
-                          f"again with a larger --valid-fraction")
+    check_data(cfg.data.path)  # manifest valid, tokenizer the recorded one, train and valid splits not empty
     _check_writable(cfg.run_dir)
     if cfg.precision == "fp16" and not cuda:
         raise ConfigError("precision: fp16 is not supported by DeepSpeed on CPU; use bf16 or fp32")
