@@ -300,3 +300,92 @@ def test_generate_stops_at_the_context_after_a_long_prompt(conditional_export, t
                        "--max-new-tokens", "400", "--output", tmp_path / "s.jsonl")
     assert rc == 0, out.err
     assert "does not fit in model.block_size 128" in out.err
+
+
+# ------------------------------------------------------------------ JIT-build locks (torch file_baton)
+HOLD = "import os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print('held', flush=True); " \
+       "time.sleep(float(sys.argv[2])); os.remove(sys.argv[1])"
+
+
+def hold_lock(lock, seconds):
+    """A live builder: a process holding `lock` open, as torch's FileBaton does during a build."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(lock), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@pytest.fixture
+def extensions_dir(tmp_path, monkeypatch):
+    from torch.utils.file_baton import FileBaton
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setattr(FileBaton, "wait", FileBaton.wait)  # guard() patches it; restore afterwards
+    return tmp_path / "ext"
+
+
+def test_stale_jit_lock_is_removed_with_a_warning(extensions_dir, capsys):
+    from trace_dist import jit_lock
+
+    stale = extensions_dir / "deepspeed_shm_comm" / "lock"
+    stale.parent.mkdir(parents=True)
+    stale.touch()                                       # what a build killed mid-way leaves
+    other = extensions_dir / "cpu_adam" / "build.ninja"
+    other.parent.mkdir()
+    other.touch()
+    jit_lock.guard(timeout_s=5)
+    assert not stale.exists() and other.exists()
+    assert f"removed a stale JIT-build lock {stale}" in capsys.readouterr().err
+
+
+def test_live_jit_lock_is_waited_for_with_a_bound_and_a_message(extensions_dir, capsys, monkeypatch):
+    from torch.utils.file_baton import FileBaton
+
+    from trace_dist import jit_lock
+
+    lock = extensions_dir / "py311_cpu" / "fused_adam" / "lock"     # the default layout's depth
+    holder = hold_lock(lock, 60)
+    try:
+        assert jit_lock.holders(lock) == [holder.pid]
+        with pytest.raises(jit_lock.LockTimeout, match=rf"{lock} still held after 1 s by pid\(s\) \[{holder.pid}\]"):
+            jit_lock.guard(timeout_s=1)
+        assert f"waiting for the JIT build that holds {lock}" in capsys.readouterr().err
+        # torch's own wait (an endless silent loop before) is bounded too
+        monkeypatch.setattr(jit_lock, "TIMEOUT_S", 1)
+        with pytest.raises(jit_lock.LockTimeout):
+            FileBaton(str(lock)).wait()
+    finally:
+        holder.kill()
+        holder.wait()
+    jit_lock.guard(timeout_s=5)                          # its holder died: now stale, removed
+    assert not lock.exists()
+    released = hold_lock(lock, 1)                        # a build that finishes while we wait
+    jit_lock.guard(timeout_s=30)
+    assert released.wait(10) == 0 and not lock.exists()
+    assert "removed a stale" not in capsys.readouterr().err.split("waiting")[-1]
+
+
+def _start_deepspeed_comm():
+    import deepspeed
+    import torch.distributed as dist
+
+    from trace_dist import jit_lock
+    from trace_dist.distributed import backend, free_port
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
+    jit_lock.guard()
+    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
+    dist.destroy_process_group()
+    return True
+
+
+@pytest.mark.slow
+def test_deepspeed_starts_despite_a_stale_lock_of_its_comm_op(extensions_dir, tmp_path):
+    """The real fault: a stale lock in the build directory of DeepSpeed's CPU comm op (a fresh
+    TORCH_EXTENSIONS_DIR, so the op really JIT-builds, ~30 s). Without the guard this start never ends."""
+    lock = extensions_dir / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    assert run_ranks(_start_deepspeed_comm, 1, tmp_path=tmp_path, timeout=400) == [True]
+    assert not lock.exists() and any(extensions_dir.glob("deepspeed_shm_comm/*.so"))
