@@ -34,7 +34,8 @@ def _train_one_step(data, root):
 
     for stage in (0, 2):
         cfg = load_config([TINY], [f"data.path={data}", f"train.output_dir={root}/z{stage}", f"zero.stage={stage}",
-                                   "train.max_steps=1", "checkpoint.interval=1", "train.samples_to_log=1"])
+                                   "train.max_steps=1", "checkpoint.interval=1", "train.samples_to_log=1",
+                                   "train.eval_batches=1", "generation.max_new_tokens=8", "data.num_workers=0"])
         run_training(cfg)
 
 
