@@ -119,12 +119,13 @@ def _model_states_file(tag_dir: Path) -> Path:
 
 
 def saved_shapes(tag_dir: Path) -> dict[str, list[int]]:
-    """Parameter name -> shape as saved in a tag (ZeRO >= 1 records `param_shapes`; ZeRO-0 keeps the
-    whole module). Reads through the pickle-safe loader."""
+    """Parameter name -> shape as saved in a tag (ZeRO >= 1 records `param_shapes` per group and
+    `frozen_param_shapes`; ZeRO-0 keeps the whole module). Reads through the pickle-safe loader."""
     safe_load.install()
     states = torch.load(_model_states_file(tag_dir), map_location="cpu")
     if states.get("param_shapes"):
-        return {k: list(v) for group in states["param_shapes"] for k, v in group.items()}
+        groups = [*states["param_shapes"], states.get("frozen_param_shapes") or {}]
+        return {k: list(v) for group in groups for k, v in group.items()}
     return {k: list(v.shape) for k, v in states["module"].items()}
 
 
