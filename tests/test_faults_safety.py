@@ -193,6 +193,11 @@ def test_truncated_and_missing_checkpoints(runs, tmp_path):
         with pytest.raises(CheckpointError, match="unreadable") as e:
             load_for_inference(broken)
         assert str(target) in str(e.value) and "\n" not in str(e.value)
+    shard_lost = tmp_path / "shard_lost"                   # one rank's optimizer shard deleted
+    shutil.copytree(runs / "z2", shard_lost)
+    (_tag(shard_lost) / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(CheckpointError, match=f"{_tag(shard_lost)}: incomplete ZeRO checkpoint"):
+        load_for_inference(shard_lost)
 
 
 def test_changed_model_size_names_the_first_parameter(runs):
