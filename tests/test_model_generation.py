@@ -129,3 +129,19 @@ def test_every_switch_builds_trains_and_generates(overrides):
 def test_conditional_model_requires_prompts():
     with pytest.raises(ValueError, match="prompts"):
         build(conditional=True).generate(num=2)
+
+
+def test_generation_stops_at_the_context_and_refuses_prompts_that_fill_it():
+    import dataclasses
+
+    gen = GenerationConfig(greedy=True, max_new_tokens=100)           # far beyond block_size 16
+    model = build(block_size=16)
+    model.vocab = dataclasses.replace(VOCAB, eos=-1)                  # never stops on its own
+    assert [len(o) for o in model.generate(num=2, gen=gen)] == [16, 16]
+    cond = build(conditional=True, block_size=16)
+    cond.vocab = dataclasses.replace(VOCAB, eos=-1)
+    prompts = [[5, 6, 7, VOCAB.sep], [9, VOCAB.sep]]
+    for use_cache in (True, False):                                   # the longest prompt bounds the batch
+        assert [len(o) for o in cond.generate(prompts=prompts, gen=gen, use_cache=use_cache)] == [12, 12]
+    with pytest.raises(ValueError, match="a prompt of 16 tokens leaves no room in model.block_size"):
+        cond.generate(prompts=[[5] * 15 + [VOCAB.sep]], gen=gen)

@@ -21,18 +21,15 @@ from typing import Callable, Optional
 
 import torch
 
+from trace_dist import safe_load
 from trace_dist.config import TraceConfig, load_config
 from trace_dist.distributed import barrier
-from trace_dist.errors import UserError
+from trace_dist.errors import CheckpointError, UserError
 from trace_dist.files import atomic_write
 
 META = "trace_meta.json"
 LATEST = "latest"
 WEIGHTS = "model.safetensors"
-
-
-class CheckpointError(UserError, FileNotFoundError):
-    """No usable checkpoint where one was asked for; the message names the path."""
 
 
 def tag_for(step: int) -> str:
@@ -143,29 +140,79 @@ def to_universal(save_dir: Path, tag: str, is_main: bool) -> str:
     """Convert a tag for loading on another world size (rank 0 converts, everyone waits)."""
     out = f"{tag}_universal"
     if is_main and not (save_dir / out / "zero").exists():
-        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                        "--input_folder", str(save_dir / tag), "--output_folder", str(save_dir / out),
-                        "--no_strict"], check=True, stdout=subprocess.DEVNULL)
+        # through safe_load's wrapper: the child inherits weights-only loading but not our allow-list
+        r = subprocess.run([sys.executable, "-m", "trace_dist.safe_load", "deepspeed.checkpoint.ds_to_universal",
+                            "--input_folder", str(save_dir / tag), "--output_folder", str(save_dir / out),
+                            "--no_strict"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["no message"])[-1]
+            raise CheckpointError(f"{save_dir / tag}: universal conversion failed: {last}")
     barrier()
     return out
 
 
 # ------------------------------------------------------------------ inference loading and export
+def _model_states_file(tag_dir: Path) -> Path:
+    """DeepSpeed's model-states file of a tag (`zero_pp_rank_0_` prefixed under ZeRO-3)."""
+    found = sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))
+    if not found:
+        raise CheckpointError(f"{tag_dir}: no mp_rank_00_model_states.pt (not a complete DeepSpeed checkpoint)")
+    return found[0]
+
+
+def saved_shapes(tag_dir: Path) -> dict[str, list[int]]:
+    """Parameter name -> shape as saved in a tag (ZeRO >= 1 records `param_shapes` per group and
+    `frozen_param_shapes`; ZeRO-0 keeps the whole module). Reads through the pickle-safe loader."""
+    safe_load.install()
+    states = torch.load(_model_states_file(tag_dir), map_location="cpu")
+    if states.get("param_shapes"):
+        groups = [*states["param_shapes"], states.get("frozen_param_shapes") or {}]
+        return {k: list(v) for group in groups for k, v in group.items()}
+    return {k: list(v.shape) for k, v in states["module"].items()}
+
+
+def require_matching_model(model: torch.nn.Module, shapes: dict[str, list[int]], source: Path | str) -> None:
+    """One line naming the first parameter the checkpoint lacks or saved with another shape (a changed
+    model.* setting), rather than load_state_dict's list of every mismatch."""
+    for name, p in model.state_dict().items():
+        if name in shapes and shapes[name] != list(p.shape):
+            raise CheckpointError(f"{source}: parameter {name} has shape {shapes[name]} in the checkpoint but "
+                                  f"{list(p.shape)} in the model its config now builds (a changed model.* setting?)")
+    for name, _ in model.named_parameters():  # tied weights appear once, under their first name
+        if name not in shapes:
+            raise CheckpointError(f"{source}: the checkpoint has no parameter {name} "
+                                  "(saved for another model.* setting?)")
+
+
 def _consolidated_state_dict(save_dir: Path, tag: str, meta: dict) -> dict[str, torch.Tensor]:
+    safe_load.install()  # whatever trace_meta.json claims, no file below can run code
     if meta.get("zero_stage", 0) == 0:
-        # ZeRO-0 keeps the whole module in DeepSpeed's model-states file; it loads without pickle.
-        states = torch.load(save_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+        # ZeRO-0 keeps the whole module in DeepSpeed's model-states file.
+        states = torch.load(_model_states_file(save_dir / tag), map_location="cpu")
         return {k: v.float() for k, v in states["module"].items()}
-    # ZeRO 1-3: DeepSpeed's own consolidation reads its partitioned files (with its own loader).
+    # ZeRO 1-3: DeepSpeed's own consolidation reads its partitioned files.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
+    try:
+        return get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
+    except (FileNotFoundError, ValueError) as e:  # a shard missing, or files from another world size
+        raise CheckpointError(f"{save_dir / tag}: incomplete ZeRO checkpoint ({e})") from None
+
+
+def _read_tokenizer(src: Path):
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(src / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a bare Exception for missing and malformed files alike
+        raise CheckpointError(f"{src / 'tokenizer.json'}: unreadable tokenizer ({str(e).splitlines()[0]})") from None
 
 
 def load_for_inference(path: Path | str, overrides: list[str] | None = None, configs: tuple = ()):
     """An export directory or a DeepSpeed checkpoint -> (model, cfg, tokenizer, vocab), model in eval mode.
-    `configs` (YAML files) and `overrides` apply on top of the checkpoint's own config."""
-    from tokenizers import Tokenizer
+    `configs` (YAML files) and `overrides` apply on top of the checkpoint's own config. A missing,
+    truncated, unsafe or mismatched checkpoint raises CheckpointError naming the file or parameter."""
+    from safetensors import SafetensorError, safe_open
 
     from trace_dist.model import TRACE
     from trace_dist.vocab import Vocab
@@ -178,30 +225,51 @@ def load_for_inference(path: Path | str, overrides: list[str] | None = None, con
         src = save_dir / tag
         state_dict = _consolidated_state_dict(save_dir, tag, meta)
     cfg = load_config([src / "config.yaml", *configs], overrides)
-    tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
+    tokenizer = _read_tokenizer(src)
     vocab = Vocab.from_tokenizer(tokenizer)
     model = TRACE(cfg.model, vocab)
     if state_dict is None:
         from safetensors.torch import load_model
 
-        load_model(model, str(src / WEIGHTS))
+        try:
+            with safe_open(str(src / WEIGHTS), "pt") as f:
+                shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+            require_matching_model(model, shapes, src / WEIGHTS)
+            load_model(model, str(src / WEIGHTS))
+        except SafetensorError as e:
+            raise CheckpointError(f"{src / WEIGHTS}: unreadable ({e})") from None
     else:
+        require_matching_model(model, {k: list(v.shape) for k, v in state_dict.items()}, src)
         model.load_state_dict(state_dict)
     return model.eval(), cfg, tokenizer, vocab
 
 
 def export(checkpoint: Path | str, out: Path | str) -> Path:
-    """Consolidated fp32 weights as safetensors + config + tokenizer, loadable without DeepSpeed."""
+    """Consolidated fp32 weights as safetensors + config + tokenizer, loadable without DeepSpeed.
+    Each file is written under a temporary name and renamed into place only once all are written, so
+    a failed export never leaves a previous one half replaced."""
     from safetensors.torch import save_model
 
-    model, cfg, tokenizer, _ = load_for_inference(checkpoint)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out / WEIGHTS))
-    (out / "config.yaml").write_text(cfg.to_yaml())
-    tokenizer.save(str(out / "tokenizer.json"))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: export target exists and is not a directory")
+    model, cfg, tokenizer, _ = load_for_inference(checkpoint)
     meta = {"source": str(Path(checkpoint).resolve())}
     if not (Path(checkpoint) / WEIGHTS).exists():
         meta.update(locate(checkpoint)[2])
-    (out / "export.json").write_text(json.dumps(meta, indent=1))
+    names = [WEIGHTS, "config.yaml", "tokenizer.json", "export.json"]
+    tmp = {name: out / f".{name}.partial" for name in names}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_model(model, str(tmp[WEIGHTS]))
+        tmp["config.yaml"].write_text(cfg.to_yaml())
+        tokenizer.save(str(tmp["tokenizer.json"]))
+        tmp["export.json"].write_text(json.dumps(meta, indent=1))
+        for name in names:
+            os.replace(tmp[name], out / name)
+    except OSError as e:
+        raise UserError(f"{out}: cannot write the export ({e.strerror or e})") from None
+    finally:
+        for partial in tmp.values():
+            partial.unlink(missing_ok=True)
     return out

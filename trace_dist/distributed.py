@@ -41,12 +41,15 @@ def init_distributed() -> DistInfo:
     """Join (or create) the default process group; idempotent."""
     import deepspeed  # imported here so that config errors never pay for it
 
+    from trace_dist import jit_lock
+
     if not dist.is_initialized():
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    jit_lock.guard()  # a build lock left by a killed process would make DeepSpeed's start wait forever
     deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     if backend() == "gloo":

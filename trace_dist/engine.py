@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from trace_dist import checkpoint
+from trace_dist import checkpoint, safe_load
 from trace_dist.config import TraceConfig
 from trace_dist.distributed import DistInfo
 
@@ -27,6 +27,7 @@ def build_engine(cfg: TraceConfig, dist: DistInfo, vocab, log: Callable[[str], N
     from trace_dist.data import check_same_tokenizer
     from trace_dist.model import TRACE
 
+    safe_load.install()  # every checkpoint read below (DeepSpeed's included) is weights-only
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = TRACE(cfg.model, vocab)
     resume = checkpoint.find_resume(cfg, warn=log)
@@ -35,6 +36,7 @@ def build_engine(cfg: TraceConfig, dist: DistInfo, vocab, log: Callable[[str], N
     if resume is not None:
         save_dir, load_tag, meta = resume
         check_same_tokenizer(cfg.data.path, save_dir / load_tag / "tokenizer.json", what=f"checkpoint {save_dir / load_tag}")
+        checkpoint.require_matching_model(model, checkpoint.saved_shapes(save_dir / load_tag), save_dir / load_tag)
         if meta["world_size"] != dist.world_size and meta.get("zero_stage", 0) > 0:
             log(f"checkpoint {load_tag} was written by {meta['world_size']} ranks, resuming on "
                 f"{dist.world_size}: converting it to DeepSpeed's universal format")

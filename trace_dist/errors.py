@@ -8,3 +8,8 @@ bug and keeps its traceback.
 
 class UserError(Exception):
     """A problem in the user's input; the message names the culprit. The CLI exits 2 on it."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, truncated, unsafe (more than tensors and plain data) or made for
+    another model; the message names the file or the first mismatching parameter."""

@@ -13,11 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="run dir, checkpoints dir or one checkpoint tag dir")
     p.add_argument("out", help="output directory")
     args = p.parse_args(argv)
-    try:
-        out = export(args.checkpoint, args.out)
-    except FileNotFoundError as e:
-        print(f"trace-dist export: {e}", file=sys.stderr)
-        return 2
+    out = export(args.checkpoint, args.out)  # a bad checkpoint or target: UserError, one line (cli.py)
     print(f"exported to {out} (model.safetensors, config.yaml, tokenizer.json)")
     return 0
 

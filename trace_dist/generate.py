@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from trace_dist.errors import UserError
 from trace_dist.evaluate import prior_chunk, seeded_generator, text_of
+from trace_dist.model.generation import context_room
+from trace_dist.vocab import SPECIAL_TOKENS
 
 
 def posterior_mean(model, text: str, tokenizer, cfg, vocab, device) -> torch.Tensor:
@@ -36,11 +40,11 @@ def posterior_mean(model, text: str, tokenizer, cfg, vocab, device) -> torch.Ten
     from trace_dist.data.batch import Layout, collate
 
     if not model.has_latent:
-        raise SystemExit("generate: --reconstruct/--interpolate need a latent model (model.latent is 'none')")
+        raise UserError("--reconstruct/--interpolate need a latent model (model.latent is 'none')")
     try:
         record = encode_text(text, tokenizer, max_segment_tokens=cfg.data.max_segment_tokens)
     except ValueError as e:
-        raise SystemExit(f"generate: input text {text[:40]!r}: {e}")
+        raise UserError(f"input text {text[:40]!r}: {e}") from None
     batch = collate([Layout(cfg.data, vocab, conditional=False).example(record)], vocab, 0)
     post = model.posterior({k: v.to(device) for k, v in batch.items()})
     return post["mean"][0, : int(batch["num_segments"][0])]
@@ -51,6 +55,21 @@ def interpolation(z_a: torch.Tensor, z_b: torch.Tensor, steps: int) -> torch.Ten
     k = min(z_a.shape[0], z_b.shape[0])
     t = torch.linspace(0.0, 1.0, steps, device=z_a.device, dtype=z_a.dtype)[:, None, None]
     return (1 - t) * z_a[None, :k] + t * z_b[None, :k]
+
+
+def prompt_ids(prompt: str, index: int, tokenizer, vocab, block_size: int) -> list[int]:
+    """A prompt's token ids ending with sep (the batch layout), refused as `trace-dist prepare` refuses
+    texts (empty, or containing a special-token string) or when it leaves no room in the context."""
+    ids = tokenizer.encode(prompt).ids
+    if not ids:
+        raise UserError(f"prompt {index} is empty")
+    if min(ids) < len(SPECIAL_TOKENS):
+        raise UserError(f"prompt {index} {prompt[:40]!r} contains the special token {SPECIAL_TOKENS[min(ids)]}")
+    ids = ids + [vocab.sep]
+    if context_room(block_size, len(ids)) < 1:
+        raise UserError(f"prompt {index} is {len(ids)} tokens (with its separator); model.block_size is "
+                        f"{block_size}, so nothing can follow it")
+    return ids
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,13 +95,60 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+GENERATION_FLAGS = ("top_p", "top_k", "temperature", "max_new_tokens")
+
+
+def _generation_flags(args) -> dict:
+    """The generation flags given, validated as GenerationConfig fields: one line naming the flag."""
+    from pydantic import ValidationError
+
+    from trace_dist.model.config import GenerationConfig
+
+    given = {k: getattr(args, k) for k in GENERATION_FLAGS if getattr(args, k) is not None}
+    try:
+        GenerationConfig(**given)
+    except ValidationError as e:
+        key = e.errors()[0]["loc"][0]
+        raise UserError(f"--{key.replace('_', '-')} {given[key]}: {e.errors()[0]['msg']}") from None
+    return given
+
+
 def _overrides(args) -> list[str]:
-    out = list(args.overrides)
-    for flag, key in (("top_p", "top_p"), ("top_k", "top_k"), ("temperature", "temperature"),
-                      ("max_new_tokens", "max_new_tokens")):
-        if getattr(args, flag) is not None:
-            out.append(f"generation.{key}={getattr(args, flag)}")
-    return out
+    return list(args.overrides) + [f"generation.{k}={v}" for k, v in _generation_flags(args).items()]
+
+
+def _check_output(path: Path) -> None:
+    """Refuse an --output we could not write before loading anything."""
+    if path.is_dir():
+        raise UserError(f"--output {path} is a directory (give a file name, e.g. {path / 'samples.jsonl'})")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+        raise UserError(f"--output {path}: {parent} is not a writable directory")
+
+
+def _write_records(path: Path, records: list[dict]) -> None:
+    """Written under a temporary name and renamed: an earlier file is replaced only by a complete one."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"--output {path}: cannot write ({e.strerror or e})") from None
+
+
+def _read_prompts(path: str) -> list[str]:
+    try:
+        return [line.rstrip("\n") for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--prompts {path}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+
+
+def _note_context_limit(cfg, prompt_tokens: int) -> None:
+    room = context_room(cfg.model.block_size, prompt_tokens)
+    if cfg.generation.max_new_tokens > room:
+        print(f"note: max_new_tokens {cfg.generation.max_new_tokens} does not fit in model.block_size "
+              f"{cfg.model.block_size}; texts stop after {room} new tokens", file=sys.stderr)
 
 
 @torch.no_grad()
@@ -91,18 +157,20 @@ def run(args) -> list[dict]:
 
     from trace_dist.checkpoint import load_for_inference
 
-    model, cfg, tokenizer, vocab = load_for_inference(args.checkpoint, _overrides(args), configs=tuple(args.config))
+    overrides = _overrides(args)
+    prompts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts) if args.prompts else None
+    model, cfg, tokenizer, vocab = load_for_inference(args.checkpoint, overrides, configs=tuple(args.config))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     common = dict(gen=cfg.generation, segment=cfg.data.segment, latent_path=args.latent_path)
     records: list[dict] = []
-    if args.prompt is not None or args.prompts:
+    if prompts is not None:
         if not cfg.model.conditional:
-            raise SystemExit("generate: --prompt/--prompts need a conditional model (model.conditional is false)")
-        prompts = [args.prompt] if args.prompt is not None else \
-            [line.rstrip("\n") for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-        for i, prompt in enumerate(tqdm(prompts, desc="prompts")):
-            ids = tokenizer.encode(prompt).ids + [vocab.sep]       # a prompt ends with sep (the batch layout)
+            raise UserError("--prompt/--prompts need a conditional model (model.conditional is false)")
+        ids_of = [prompt_ids(p, i, tokenizer, vocab, cfg.model.block_size) for i, p in enumerate(prompts)]
+    _note_context_limit(cfg, max(len(ids) for ids in ids_of) if prompts is not None else 0)
+    if prompts is not None:
+        for i, (prompt, ids) in enumerate(zip(tqdm(prompts, desc="prompts"), ids_of)):
             out = model.generate(num=args.num, prompts=[ids] * args.num,
                                  generator=seeded_generator(device, args.seed, "prompt", i), **common)
             records += [{"mode": "prompt", "index": i, "prompt": prompt, "text": text_of(tokenizer, o)} for o in out]
@@ -133,12 +201,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         parser.error(f"unrecognised arguments {bad} (overrides are dotted.key=value)")
+    if args.output:
+        _check_output(Path(args.output))
     records = run(args)
     for r in records:
         print(f"[{r['mode']} {r['index']}] {r['text']}")
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text("".join(json.dumps(r) + "\n" for r in records))
+        _write_records(Path(args.output), records)
         print(f"wrote {len(records)} texts to {args.output}")
     return 0
 

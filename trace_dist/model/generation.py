@@ -6,6 +6,8 @@ the position that predicts a token reads z of that token's segment. The segment 
 generated `sep` ('sentence') or after every N generated tokens ('fixed:N'); past the last latent the
 last one is kept. Prompts of different lengths are left-padded; positions count from each row's
 own start and pad keys are masked, so every row sees exactly what it would see alone.
+A document is at most model.block_size tokens, prompt included (the positions the model has), so
+decoding stops there whatever max_new_tokens says; a prompt that fills the context is refused.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ def filter_logits(logits: torch.Tensor, history: torch.Tensor, gen: GenerationCo
         drop = probs.cumsum(-1) - probs > gen.top_p           # the mass before a token already exceeds p
         logits = logits.masked_fill(drop.scatter(1, order, drop), -torch.inf)
     return logits
+
+
+def context_room(block_size: int, prompt_tokens: int) -> int:
+    """Tokens that can still be generated after a prompt: the document, prompt included, is at most
+    block_size tokens (the decoder reads [bos] + all but the last of them, block_size positions)."""
+    return block_size - prompt_tokens
 
 
 def next_token(logits: torch.Tensor, history: torch.Tensor, gen: GenerationConfig,
@@ -88,6 +96,9 @@ def generate(model, num: int = 1, z: Optional[torch.Tensor] = None, prompts: Opt
     if prompts is not None and len(prompts) != N:
         raise ValueError(f"got {len(prompts)} prompts for {N} samples (z has {N} rows)")
     prompts = prompts or [[] for _ in range(N)]
+    longest = max(len(p) for p in prompts)
+    if context_room(cfg.block_size, longest) < 1:
+        raise ValueError(f"a prompt of {longest} tokens leaves no room in model.block_size ({cfg.block_size})")
     was_training = model.training
     model.eval()
     try:
@@ -155,7 +166,7 @@ def _decode_loop(model, latents: _Latents, prompts, gen, generator, segment, use
     out: list[list[int]] = [[] for _ in range(N)]
     gen_segs: list[list[int]] = [[] for _ in range(N)]
     fed = 0                                                  # positions already in the KV cache
-    for _ in range(gen.max_new_tokens):
+    for _ in range(min(gen.max_new_tokens, context_room(model.cfg.block_size, P - 1))):
         L = seqs.shape[1]
         lo = fed if use_cache else 0
         pos = (torch.arange(lo, L, device=device)[None] - start).clamp_min(0)
