@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from trace_dist.data.fetch import is_remote
 
 SEGMENT_PATTERN = re.compile(r"^(sentence|fixed:[1-9][0-9]*)$")
 
@@ -92,6 +95,13 @@ class DataConfig(BaseModel):
             raise ValueError(f"data.mixture: two sources are named alike ({names}); give them distinct `name`s")
         self.path = self.path if "path" in self.model_fields_set else paths[0]
         return self
+
+    def absolute(self) -> "DataConfig":
+        """A copy whose local paths are absolute (for processes started in other directories); URLs unchanged."""
+        def pin(path: str) -> str:
+            return path if is_remote(path) else str(Path(path).resolve())
+        return self.model_copy(update={"path": pin(self.path),
+                                       "mixture": [s.model_copy(update={"path": pin(s.path)}) for s in self.mixture]})
 
     def sources(self) -> list[Source]:
         """The prepared sets training draws from, named: data.mixture, or data.path alone with weight 1."""

@@ -22,6 +22,8 @@ import contextlib
 import hashlib
 import http.client
 import logging
+import os
+import signal
 import subprocess
 import tempfile
 import threading
@@ -107,12 +109,18 @@ def _open(url: str, timeout: float):
 def _pipe(command: str, timeout: float) -> Iterator[IO[bytes]]:
     """The stdout of a shell command; an OSError if it fails or is not done within `timeout`."""
     with tempfile.TemporaryFile() as errors:  # a file, not a pipe: nobody has to drain it
-        proc = subprocess.Popen(command, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
+        # Its own process group: killing only the shell would leave its children holding stdout open.
+        proc = subprocess.Popen(command, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors,
+                                start_new_session=True)
         expired = threading.Event()
+
+        def kill():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
         def expire():
             expired.set()
-            proc.kill()  # its stdout closes, so a blocked read returns
+            kill()  # stdout closes, so a blocked read returns
 
         timer = threading.Timer(timeout, expire)
         timer.start()
@@ -122,7 +130,7 @@ def _pipe(command: str, timeout: float) -> Iterator[IO[bytes]]:
             at_end = not proc.stdout.read(1)  # else the reader stopped early (the stream is too long)
         finally:
             if not at_end:
-                proc.kill()  # the rest is not wanted
+                kill()  # the rest is not wanted
             proc.stdout.close()
             code = proc.wait()  # bounded: the timer kills the command at the deadline
             timer.cancel()

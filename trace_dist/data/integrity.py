@@ -12,7 +12,8 @@ this module is where those records are verified:
   (a checkpoint, an export) still matches; `check_same_tokenizer` refuses a checkpoint or model
   whose tokenizer is not the one the data was tokenized with;
 - `check_data(DIR)` is the cheap preflight for a training run (manifest, tokenizer, non-empty splits);
-  `check_mixture(DIRS)` refuses a mixture whose sources were tokenized differently.
+  `check_mixture(DIRS)` refuses a mixture whose sources were tokenized differently, and
+  `check_sources(data_cfg)` does both for every source of a config.
 """
 
 from __future__ import annotations
@@ -249,3 +250,11 @@ def check_mixture(paths: list[str]) -> None:
         if theirs != first:
             raise DataError(f"data.mixture: {path} was tokenized with another tokenizer (sha256 {theirs[:12]}...) "
                             f"than {paths[0]} ({first[:12]}...); prepare them with the same --tokenizer")
+
+
+def check_sources(data_cfg, splits: tuple = ("train", "valid")) -> None:
+    """`check_data` for every source of a DataConfig (data.path, or each of data.mixture), then `check_mixture`."""
+    paths = [s.path for s in data_cfg.sources()]
+    for path in paths:
+        check_data(path, splits)
+    check_mixture(paths)
