@@ -7,20 +7,20 @@ micro-batches long. Chunk c is built only from (seed, r, c): a generator seeded 
 the source of every slot of the chunk (in proportion to the `data.mixture` weights; one source
 without a mixture), then for each source `wds.ResampledShards` seeded with (seed, r, c, source)
 draws shards (with replacement) until their samples fill that source's slots, and a shuffle with
-the same seed assigns samples to slots. The chunk is cut into batches. Batch i is therefore a pure function of (seed, r, i), whatever the number of
-DataLoader workers (worker w builds chunks w, w+k, ...; the DataLoader returns them in order), and
+the same seed assigns samples to slots. The chunk is cut into batches. Batch i is therefore a pure
+function of (seed, r, i), whatever the number of DataLoader workers (worker w builds chunks w, w+k, ...; the DataLoader returns them in order), and
 resuming at micro-step N rebuilds chunk N // chunk_batches and skips into it. No node splitting:
 every rank draws its own shards, so ranks never run out at different times.
 
-Evaluation (`eval_loader`, one source; `eval_loaders`, each source of a mixture): the manifest gives each shard's sample count, so the split is a
-numbered list of samples; rank r takes a contiguous 1/world_size of it, DataLoader worker w a
+Evaluation (`eval_loader`, one source; `eval_loaders`, each source of a mixture): the manifest
+gives each shard's sample count, so the split is a numbered list of samples; rank r takes a contiguous 1/world_size of it, DataLoader worker w a
 contiguous part of that, and each worker reads only the shards overlapping its range. Every sample
 is seen exactly once, shards need not outnumber ranks x workers, and each rank knows every rank's
 batch count up front, so it pads with empty batches (example_mask False) to the common maximum.
 
-Corruption: every shard is read whole and checked against the manifest's sha256 before it is
-decoded, so a shard that differs in any byte (bit flips, truncation, another dataset's shard) is
-bad as a whole. A shard that cannot be read or fails that check, or a sample that fails to decode,
+Corruption: every shard is read whole, hashed as it streams and checked against the manifest's
+sha256 before it is decoded, so a shard that differs in any byte (bit flips, truncation, another dataset's shard) is
+bad as a whole. A shard that cannot be read (after fetch.py's retries) or fails that check, or a sample that fails to decode,
 loses its samples; they are counted (manifest count - readable samples), logged once per shard,
 and reported in the next batch's `bad_samples`. Once more than `max_bad_fraction` of the samples
 seen (after `bad_check_min_samples`) were bad, the stream stops with an error naming the shards.
