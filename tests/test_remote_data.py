@@ -4,6 +4,7 @@ import itertools
 import logging
 import shutil
 import socket
+import threading
 import time
 
 import numpy as np
@@ -121,6 +122,21 @@ def test_transient_errors_are_retried_and_recover(tiny_data):
         server.fail_next(2)  # 503 twice for the first shard: the third try (retries=2) gets it
         got = take(loader, 10)
     same_batches(got, take(train_loader(cfg_for(tiny_data), vocab, 4, 0, 1, seed=5), 10))
+    assert all(int(b["bad_samples"]) == 0 for b in got)
+
+
+def test_a_server_back_within_the_retries_is_used_again(tiny_data):
+    _, vocab = load_tokenizer(tiny_data)
+    server = LoopbackServer(tiny_data).start()
+    try:
+        loader = train_loader(cfg_for(server.url, retries=4, retry_backoff=0.2), vocab, 4, 0, 1, seed=2)
+        server.stop()
+        threading.Timer(0.5, server.start).start()  # back on the same port after 0.5 s (retries: 0.2 s, 0.4 s, ...)
+        got = take(loader, 10)
+    finally:
+        time.sleep(0.6)  # the timer has fired
+        server.stop()
+    same_batches(got, take(train_loader(cfg_for(tiny_data), vocab, 4, 0, 1, seed=2), 10))
     assert all(int(b["bad_samples"]) == 0 for b in got)
 
 
