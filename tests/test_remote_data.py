@@ -13,7 +13,8 @@ import torch
 from conftest import tiny_corpus
 from pydantic import ValidationError
 
-from trace_dist.data import DataError, eval_loader, eval_loaders, load_tokenizer, manifest, tokenizer_file, train_loader
+from trace_dist.data import (DataError, eval_loader, eval_loaders, load_tokenizer, manifest, tokenizer_file,
+                             tokens_by_source, train_loader)
 from trace_dist.data.config import DataConfig
 from trace_dist.data.fetch import read
 from trace_dist.data.prepare import main as prepare
@@ -163,6 +164,9 @@ def test_mixture_draws_in_proportion_and_resumes_exactly(tiny_data, other_data):
         n = len(sources)
         share = float((sources == 0).sum()) / n
         assert abs(share - 0.75) < 4 * np.sqrt(0.75 * 0.25 / n) and set(sources.tolist()) == {0, 1}
+        counts = tokens_by_source(batches[0], [s.name for s in cfg.sources()])
+        assert list(counts) == ["data/tokens/tiny", "data/tokens/other"] and all(v > 0 for v in counts.values())
+        assert sum(counts.values()) == batches[0]["loss_mask"].sum()
         # Examples tagged 0 are documents of the tiny set, those tagged 1 are not.
         tiny = docs(eval_loader(cfg_for(tiny_data), vocab, "train", 64, 0, 1), 0)
         assert docs(batches, 0) <= tiny and not docs(batches, 1) & tiny

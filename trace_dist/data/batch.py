@@ -115,3 +115,10 @@ def collate(examples: list[Example | None], vocab: Vocab, bad_samples: int) -> d
         "example_mask": torch.tensor([e is not None for e in examples], dtype=torch.bool),  # [B]
         "bad_samples": torch.tensor(bad_samples, dtype=torch.int64),  # []
     }
+
+
+def tokens_by_source(batch: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """{"data/tokens/NAME": predicted tokens (loss_mask) of the batch's examples from each source},
+    float64 [] each, ready for `all_reduce_named`; `names` is `[s.name for s in data_cfg.sources()]`."""
+    per_example = batch["loss_mask"].sum(1)  # [B]
+    return {f"data/tokens/{name}": per_example[batch["source"] == i].sum().double() for i, name in enumerate(names)}
