@@ -62,6 +62,9 @@ def test_http_streams_equal_local_batch_for_batch(tiny_data):
                          take(train_loader(cfg_for(tiny_data), vocab, 4, rank, 2, seed=3), 12))
             same_batches(list(eval_loader(cfg_for(server.url), vocab, "valid", 8, rank, 2)),
                          list(eval_loader(cfg_for(tiny_data), vocab, "valid", 8, rank, 2)))
+        # DataLoader worker processes fetch over HTTP too (the trainer's setting)
+        same_batches(take(train_loader(cfg_for(server.url, num_workers=2), vocab, 4, 1, 2, seed=3), 12),
+                     take(train_loader(cfg_for(tiny_data), vocab, 4, 1, 2, seed=3), 12))
 
 
 def test_pipe_template_streams_equal_local(tiny_data):
