@@ -3,10 +3,13 @@
 Measured side by side in one run, at the configs/quickstart.yaml sizes:
 - prepare: `trace-dist prepare` with one worker on the pydoc prose (repeated to ~1 MB), MB of raw
   UTF-8 text per second, tokenizer training included;
-- stream: `train_loader` with one DataLoader worker, non-padding tokens per second;
+- stream: `train_loader` with one DataLoader worker, non-padding tokens per second, from the local
+  directory and from the same shards served over HTTP on 127.0.0.1 (`data.path=http://...`: every
+  shard fetched through urllib and verified while it streams);
 - train: TRACE forward + backward + AdamW step on batches from that loader, one thread (what one
   rank of the quickstart gets on this 2-core box), tokens per second.
-Goal: stream_over_train_ratio >= 20, so data loading never shows up in a training profile.
+Goal: stream_over_train_ratio and stream_over_train_ratio_http >= 20, so data loading never shows
+up in a training profile.
 
     python benchmarks/data_throughput.py [--batches 2000] [--train-steps 10]
 """
@@ -29,6 +32,7 @@ from trace_dist.model import TRACE  # noqa: E402  (before trace_dist.config: see
 from trace_dist.config import load_config  # noqa: E402
 from trace_dist.data import load_tokenizer, train_loader  # noqa: E402
 from trace_dist.data.prepare import main as prepare  # noqa: E402
+from trace_dist.data.serve import LoopbackServer  # noqa: E402
 from trace_dist.data.sources import pydoc_documents  # noqa: E402
 
 
@@ -88,17 +92,24 @@ def main() -> None:
         _, vocab = load_tokenizer(data)
         cfg = load_config([REPO / "configs/quickstart.yaml"], [f"data.path={data}", "data.num_workers=1"])
         stream_tps, batches = bench_stream(cfg, vocab, args.batches)
+        with LoopbackServer(data) as server:
+            http_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": server.url})})
+            http_tps, _ = bench_stream(http_cfg, vocab, args.batches)
         train_tps = bench_train(cfg, vocab, batches, args.train_steps)
 
     mbs = cfg.train.micro_batch_size
     rows = [("prepare (1 worker)", f"{mb / seconds:.3f} MB/s", f"{mb:.2f} MB raw text in {seconds:.1f} s"),
             ("stream (1 DataLoader worker)", f"{stream_tps:,.0f} tok/s", f"{args.batches} batches of {mbs}"),
+            ("stream over loopback HTTP", f"{http_tps:,.0f} tok/s", f"{args.batches} batches of {mbs}"),
             ("train (quickstart model, 1 thread)", f"{train_tps:,.0f} tok/s", f"{args.train_steps} AdamW steps"),
-            ("stream / train", f"{stream_tps / train_tps:.1f}x", "goal >= 20x")]
+            ("stream / train", f"{stream_tps / train_tps:.1f}x", "goal >= 20x"),
+            ("stream over HTTP / train", f"{http_tps / train_tps:.1f}x", "goal >= 20x")]
     print(f"{'measure':<38}{'rate':>16}   detail")
     for name, rate, detail in rows:
         print(f"{name:<38}{rate:>16}   {detail}")
     print(json.dumps({"stream_over_train_ratio": round(stream_tps / train_tps, 2),
+                      "stream_over_train_ratio_http": round(http_tps / train_tps, 2),
+                      "stream_tokens_per_s_http": round(http_tps),
                       "prepare_mb_per_s": round(mb / seconds, 4),
                       "stream_tokens_per_s": round(stream_tps), "train_tokens_per_s": round(train_tps)}))
 

@@ -19,7 +19,7 @@ from trace_dist.data.tokenizer import load_tokenizer
 def records(data: Path, split: str, conditional: bool = False):
     """Every readable record of a split, in shard order."""
     _, vocab = load_tokenizer(data)
-    reader = ShardReader(DataConfig(path=str(data)), vocab, conditional, split)
+    reader = ShardReader(DataConfig(path=str(data)), str(data), vocab, conditional, split)
     for url in reader.urls:
         shard, bad = reader.read(url)
         assert bad == 0

@@ -7,7 +7,8 @@ validating a config must not pay for importing torch and webdataset.
 
 import importlib
 
-_EXPORTS = {"encode_text": "prepare", "eval_loader": "stream", "train_loader": "stream", "load_tokenizer": "tokenizer",
+_EXPORTS = {"encode_text": "prepare", "eval_loader": "stream", "eval_loaders": "stream", "train_loader": "stream",
+            "tokenizer_file": "tokenizer", "check_mixture": "integrity", "check_sources": "integrity", "tokens_by_source": "batch", "load_tokenizer": "tokenizer",
             "manifest": "integrity", "DataError": "integrity", "check_data": "integrity",
             "check_same_tokenizer": "integrity"}
 __all__ = sorted(_EXPORTS)

@@ -32,14 +32,15 @@ class Example:
     num_segments: int
     num_bytes: int  # UTF-8 bytes of the document's stored text (the target only, for conditional data)
     num_words: int  # its whitespace-separated words
+    source: int = 0  # index of its prepared set in data.sources() (a mixture's)
 
 
 class Layout:
     """Applies data.segment and the length limits; counts what the limits cut."""
 
-    def __init__(self, cfg: DataConfig, vocab: Vocab, conditional: bool):
+    def __init__(self, cfg: DataConfig, vocab: Vocab, conditional: bool, source: int = 0):
         self.kind, self.length = parse_segment(cfg.segment)
-        self.cfg, self.vocab, self.conditional = cfg, vocab, conditional
+        self.cfg, self.vocab, self.conditional, self.source = cfg, vocab, conditional, source
         self.cut = Counter()  # segments / tokens dropped by the limits
 
     def segments(self, record: Record) -> list[np.ndarray]:
@@ -79,7 +80,7 @@ class Layout:
         parts[-1][-1] = vocab.eos  # the last segment closes with eos (records are never empty)
         # Normalisers come from the stored text, not the tokens, so they do not depend on data.segment.
         return Example(np.concatenate(parts).astype(np.int64), np.concatenate(seg_ids).astype(np.int64), len(kept),
-                       len(record.text.encode("utf-8")), len(record.text.split()))
+                       len(record.text.encode("utf-8")), len(record.text.split()), self.source)
 
 
 def collate(examples: list[Example | None], vocab: Vocab, bad_samples: int) -> dict[str, torch.Tensor]:
@@ -91,6 +92,7 @@ def collate(examples: list[Example | None], vocab: Vocab, bad_samples: int) -> d
     num_segments = torch.zeros(B, dtype=torch.int64)
     num_bytes = torch.zeros(B, dtype=torch.int64)
     num_words = torch.zeros(B, dtype=torch.int64)
+    source = torch.full((B,), -1, dtype=torch.int64)
     prompt_mask = torch.zeros(B, T, dtype=torch.bool)
     for b, e in enumerate(examples):
         if e is None:
@@ -100,7 +102,7 @@ def collate(examples: list[Example | None], vocab: Vocab, bad_samples: int) -> d
         seg_ids[b, :n] = torch.from_numpy(e.seg_ids)
         prompt_mask[b, :n] = torch.from_numpy(e.seg_ids < 0)
         num_segments[b] = e.num_segments
-        num_bytes[b], num_words[b] = e.num_bytes, e.num_words
+        num_bytes[b], num_words[b], source[b] = e.num_bytes, e.num_words, e.source
     return {
         "tokens": tokens,  # [B, T]
         "seg_ids": seg_ids,  # [B, T]
@@ -109,6 +111,14 @@ def collate(examples: list[Example | None], vocab: Vocab, bad_samples: int) -> d
         "num_segments": num_segments,  # [B]
         "num_bytes": num_bytes,  # [B] UTF-8 bytes of each document's text (target only), 0 for padding
         "num_words": num_words,  # [B] its whitespace word count, 0 for padding
+        "source": source,  # [B] index of its prepared set in data.sources(), -1 for padding
         "example_mask": torch.tensor([e is not None for e in examples], dtype=torch.bool),  # [B]
         "bad_samples": torch.tensor(bad_samples, dtype=torch.int64),  # []
     }
+
+
+def tokens_by_source(batch: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """{"data/tokens/NAME": predicted tokens (loss_mask) of the batch's examples from each source},
+    float64 [] each, ready for `all_reduce_named`; `names` is `[s.name for s in data_cfg.sources()]`."""
+    per_example = batch["loss_mask"].sum(1)  # [B]
+    return {f"data/tokens/{name}": per_example[batch["source"] == i].sum().double() for i, name in enumerate(names)}

@@ -5,15 +5,20 @@ this module is where those records are verified:
 - `manifest(DIR)` is the one reader of manifest.json: invalid JSON, missing keys, wrong types,
   shard names that leave DIR or counts that do not add up end in one `DataError` naming the file;
 - `read_shard(url, size, sha256)` reads a shard's bytes once (never more than the recorded size),
-  hashes them, and only then hands them on: nothing is decoded from unverified bytes;
+  hashing them as they arrive, and only then hands them on: nothing is decoded from unverified bytes;
+- DIR may be a local directory, an http(s) base URL or a `pipe:` template (see fetch.py); the
+  manifest and tokenizer of a remote DIR are read once per process and kept in memory;
 - `tokenizer_sha256` hashes a tokenizer's canonical JSON, so a copy re-serialized elsewhere
   (a checkpoint, an export) still matches; `check_same_tokenizer` refuses a checkpoint or model
   whose tokenizer is not the one the data was tokenized with;
-- `check_data(DIR)` is the cheap preflight for a training run (manifest, tokenizer, non-empty splits).
+- `check_data(DIR)` is the cheap preflight for a training run (manifest, tokenizer, non-empty splits);
+  `check_mixture(DIRS)` refuses a mixture whose sources were tokenized differently, and
+  `check_sources(data_cfg)` does both for every source of a config.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -21,6 +26,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from trace_dist.data import fetch
 from trace_dist.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -29,6 +35,7 @@ FORMAT = "trace-dist-shards/1"
 SPLITS = ("train", "valid", "test")
 SHA256 = r"^[0-9a-f]{64}$"
 MAX_SHARD_BYTES = 1 << 32  # bound for shards of manifests that predate the recorded `bytes`
+MAX_FILE_BYTES = 1 << 28  # bound for a remote manifest.json or tokenizer.json
 
 
 class DataError(UserError):
@@ -79,9 +86,16 @@ class _Manifest(_Record):
 def read_manifest(file: Path) -> dict:
     """A manifest file (manifest.json or a partition's), validated; DataError naming the file otherwise."""
     try:
-        data = json.loads(file.read_bytes().decode("utf-8"))
+        raw = file.read_bytes()
     except OSError as e:
         raise DataError(f"{file}: cannot read ({e.strerror or e})")
+    return parse_manifest(raw, str(file))
+
+
+def parse_manifest(raw: bytes, file: str) -> dict:
+    """The bytes of a manifest, validated; DataError naming `file` otherwise."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{file}: not valid JSON ({e}); prepare the data again")
     try:
@@ -103,7 +117,9 @@ def read_manifest(file: Path) -> dict:
 
 
 def manifest(path: str | Path) -> dict:
-    """DIR/manifest.json of a prepared data directory, validated (see `read_manifest`)."""
+    """DIR/manifest.json of a prepared data directory (or remote location), validated (see `read_manifest`)."""
+    if fetch.is_remote(path):
+        return parse_manifest(remote_file(str(path), MANIFEST), fetch.locate(path, MANIFEST))
     file = Path(path) / MANIFEST
     if not file.is_file():
         parts = sorted(p.name for p in Path(path).glob("manifest-p*.json"))
@@ -116,26 +132,35 @@ def manifest(path: str | Path) -> dict:
 # ----------------------------------------------------------------------------- shards
 
 
-def read_shard(url: str, size: Optional[int], sha256: str) -> bytes:
+@functools.lru_cache(maxsize=16)
+def remote_file(base: str, name: str) -> bytes:
+    """A small file (manifest.json, tokenizer.json) of a remote dataset, read once per process."""
+    try:
+        data, _ = fetch.read(fetch.locate(base, name), MAX_FILE_BYTES)
+    except OSError as e:
+        raise DataError(f"cannot read {e}")
+    if len(data) > MAX_FILE_BYTES:
+        raise DataError(f"{fetch.locate(base, name)}: longer than {MAX_FILE_BYTES} bytes")
+    return data
+
+
+def read_shard(url: str, size: Optional[int], sha256: str, timeout: float = fetch.TIMEOUT,
+               retries: int = fetch.RETRIES, backoff: float = fetch.BACKOFF) -> bytes:
     """The verified bytes of one shard; ValueError (with the reason) if they are not what was recorded.
 
-    The shard is read once, through webdataset's opener (a path today; `pipe:` and http URLs
-    read the same way), at most `size` + 1 bytes, so a wrong or endless stream costs no more
-    than the shard itself.
+    The shard is read once (a path, an http(s) URL or a `pipe:` command: see fetch.py), at most
+    `size` + 1 bytes, so a wrong or endless stream costs no more than the shard itself; it is
+    hashed as it arrives. An unreachable shard (after the retries) is a ValueError too.
     """
-    import webdataset as wds
-
     limit = MAX_SHARD_BYTES if size is None else size
     try:
-        with wds.gopen(url, "rb") as stream:
-            data = stream.read(limit + 1)
+        data, digest = fetch.read(url, limit, timeout, retries, backoff)
     except OSError as e:
-        raise ValueError(f"cannot read: {e}")
+        raise ValueError(f"unreachable: {e}")
     if len(data) > limit:
         raise ValueError(f"longer than {limit} bytes" + ("" if size is None else ", the size the manifest records"))
     if size is not None and len(data) != size:
         raise ValueError(f"{len(data)} bytes, the manifest records {size}")
-    digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
         raise ValueError(f"sha256 mismatch: {digest[:12]}..., the manifest says {sha256[:12]}...")
     return data
@@ -170,8 +195,19 @@ def verify_tokenizer(data_dir: str | Path, tokenizer, meta: Optional[dict] = Non
     meta = meta if meta is not None else manifest(data_dir)
     digest = tokenizer_sha256(tokenizer)
     if digest != meta["tokenizer_sha256"]:
-        raise DataError(f"{Path(data_dir) / TOKENIZER_FILE} (sha256 {digest[:12]}...) is not the tokenizer the "
-                        f"shards were made with ({Path(data_dir) / MANIFEST} says {meta['tokenizer_sha256'][:12]}...)")
+        raise DataError(f"{fetch.locate(data_dir, TOKENIZER_FILE)} (sha256 {digest[:12]}...) is not the tokenizer "
+                        f"the shards were made with ({fetch.locate(data_dir, MANIFEST)} says "
+                        f"{meta['tokenizer_sha256'][:12]}...)")
+
+
+def data_tokenizer(data_dir: str | Path, meta: Optional[dict] = None):
+    """DIR's tokenizer.json (local or remote), verified against its manifest -> `tokenizers.Tokenizer`."""
+    if fetch.is_remote(data_dir):
+        tokenizer = read_tokenizer(remote_file(str(data_dir), TOKENIZER_FILE), fetch.locate(data_dir, TOKENIZER_FILE))
+    else:
+        tokenizer = read_tokenizer(Path(data_dir) / TOKENIZER_FILE)
+    verify_tokenizer(data_dir, tokenizer, meta)
+    return tokenizer
 
 
 def check_same_tokenizer(data_dir: str | Path, tokenizer, what: str = "the model") -> None:
@@ -196,7 +232,7 @@ def check_data(data_dir: str | Path, splits: tuple = ("train", "valid")) -> dict
     Returns the manifest.
     """
     meta = manifest(data_dir)
-    verify_tokenizer(data_dir, read_tokenizer(Path(data_dir) / TOKENIZER_FILE), meta)
+    data_tokenizer(data_dir, meta)
     for split in splits:
         if not meta["splits"][split]["samples"]:
             fraction = meta["settings"].get(f"{split}_fraction")
@@ -204,3 +240,21 @@ def check_data(data_dir: str | Path, splits: tuple = ("train", "valid")) -> dict
             raise DataError(f"{data_dir}: the {split} split is empty{hint}; prepare it again with more "
                             f"documents or a larger fraction")
     return meta
+
+
+def check_mixture(paths: list[str]) -> None:
+    """Every source of a mixture must have been tokenized with the same tokenizer; DataError naming two that differ."""
+    first = manifest(paths[0])["tokenizer_sha256"]
+    for path in paths[1:]:
+        theirs = manifest(path)["tokenizer_sha256"]
+        if theirs != first:
+            raise DataError(f"data.mixture: {path} was tokenized with another tokenizer (sha256 {theirs[:12]}...) "
+                            f"than {paths[0]} ({first[:12]}...); prepare them with the same --tokenizer")
+
+
+def check_sources(data_cfg, splits: tuple = ("train", "valid")) -> None:
+    """`check_data` for every source of a DataConfig (data.path, or each of data.mixture), then `check_mixture`."""
+    paths = [s.path for s in data_cfg.sources()]
+    for path in paths:
+        check_data(path, splits)
+    check_mixture(paths)

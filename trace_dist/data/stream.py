@@ -1,22 +1,26 @@
 """Streaming prepared shards into batches: an endless training stream and exact evaluation passes.
 
+Shards are read from a local directory, an http(s) base URL or a `pipe:` command (fetch.py).
+
 Training (`train_loader`): the stream of rank r is a sequence of chunks, each `chunk_batches`
-micro-batches long. Chunk c is built only from (seed, r, c): `wds.ResampledShards` seeded with
-them draws shards (with replacement), all their samples are pooled, shuffled by the same seed and
-cut into batches. Batch i is therefore a pure function of (seed, r, i), whatever the number of
-DataLoader workers (worker w builds chunks w, w+k, ...; the DataLoader returns them in order), and
+micro-batches long. Chunk c is built only from (seed, r, c): a generator seeded with them picks
+the source of every slot of the chunk (in proportion to the `data.mixture` weights; one source
+without a mixture), then for each source `wds.ResampledShards` seeded with (seed, r, c, source)
+draws shards (with replacement) until their samples fill that source's slots, and a shuffle with
+the same seed assigns samples to slots. The chunk is cut into batches. Batch i is therefore a pure
+function of (seed, r, i), whatever the number of DataLoader workers (worker w builds chunks w, w+k, ...; the DataLoader returns them in order), and
 resuming at micro-step N rebuilds chunk N // chunk_batches and skips into it. No node splitting:
 every rank draws its own shards, so ranks never run out at different times.
 
-Evaluation (`eval_loader`): the manifest gives each shard's sample count, so the split is a
-numbered list of samples; rank r takes a contiguous 1/world_size of it, DataLoader worker w a
+Evaluation (`eval_loader`, one source; `eval_loaders`, each source of a mixture): the manifest
+gives each shard's sample count, so the split is a numbered list of samples; rank r takes a contiguous 1/world_size of it, DataLoader worker w a
 contiguous part of that, and each worker reads only the shards overlapping its range. Every sample
 is seen exactly once, shards need not outnumber ranks x workers, and each rank knows every rank's
 batch count up front, so it pads with empty batches (example_mask False) to the common maximum.
 
-Corruption: every shard is read whole and checked against the manifest's sha256 before it is
-decoded, so a shard that differs in any byte (bit flips, truncation, another dataset's shard) is
-bad as a whole. A shard that cannot be read or fails that check, or a sample that fails to decode,
+Corruption: every shard is read whole, hashed as it streams and checked against the manifest's
+sha256 before it is decoded, so a shard that differs in any byte (bit flips, truncation, another dataset's shard) is
+bad as a whole. A shard that cannot be read (after fetch.py's retries) or fails that check, or a sample that fails to decode,
 loses its samples; they are counted (manifest count - readable samples), logged once per shard,
 and reported in the next batch's `bad_samples`. Once more than `max_bad_fraction` of the samples
 seen (after `bad_check_min_samples`) were bad, the stream stops with an error naming the shards.
@@ -28,7 +32,6 @@ import io
 import itertools
 import logging
 import math
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -38,7 +41,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trace_dist.data.batch import Layout, collate
 from trace_dist.data.config import DataConfig
-from trace_dist.data.integrity import SPLITS, DataError, manifest, read_shard
+from trace_dist.data.fetch import locate
+from trace_dist.data.integrity import SPLITS, DataError, check_mixture, manifest, read_shard
 from trace_dist.data.shards import Record, decode
 from trace_dist.vocab import Vocab
 
@@ -46,21 +50,22 @@ log = logging.getLogger("trace_dist.data")
 
 
 class ShardReader:
-    """Reads whole, verified shards into records, counting bad samples and enforcing max_bad_fraction."""
+    """Reads whole, verified shards of one prepared set into records, counting bad samples and
+    enforcing max_bad_fraction."""
 
-    def __init__(self, cfg: DataConfig, vocab: Vocab, conditional: bool, split: str):
-        meta = manifest(cfg.path)
+    def __init__(self, cfg: DataConfig, path: str, vocab: Vocab, conditional: bool, split: str):
+        meta = manifest(path)
         if conditional and not meta["conditional"]:
-            raise DataError(f"{cfg.path} was prepared without --conditional; it has no prompts")
+            raise DataError(f"{path} was prepared without --conditional; it has no prompts")
         if meta["vocab_size"] != vocab.size:
-            raise DataError(f"{cfg.path}: prepared with a {meta['vocab_size']}-token vocabulary, "
+            raise DataError(f"{path}: prepared with a {meta['vocab_size']}-token vocabulary, "
                             f"the model's has {vocab.size}")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         shards = meta["splits"][split]["shards"]
         if not shards:
-            raise DataError(f"{cfg.path}: the {split} split has no samples")
-        self.urls = [str(Path(cfg.path) / s["name"]) for s in shards]
+            raise DataError(f"{path}: the {split} split has no samples")
+        self.urls = [locate(path, s["name"]) for s in shards]
         self.counts = [s["samples"] for s in shards]
         self.shards = dict(zip(self.urls, shards))
         self.cfg, self.vocab, self.conditional = cfg, vocab, conditional
@@ -83,7 +88,8 @@ class ShardReader:
 
         records: dict[int, Record] = {}
         try:
-            data = read_shard(url, shard.get("bytes"), shard["sha256"])
+            data = read_shard(url, shard.get("bytes"), shard["sha256"], self.cfg.timeout, self.cfg.retries,
+                              self.cfg.retry_backoff)
         except ValueError as exn:
             errors.append(exn)
             data = None
@@ -101,6 +107,25 @@ class ShardReader:
         bad = expected - len(records)
         self._account(url, len(records), bad, errors)
         return records, bad
+
+    def draw(self, need: int, seed: int) -> tuple[list[Record], int]:
+        """Records of shards drawn with replacement (seeded) until there are `need`, and the bad count.
+
+        At least two shards are pooled when there are two, so that samples of different shards mix.
+        """
+        draws = iter(wds.ResampledShards(self.urls, seed=seed, worker_seed=_same_for_every_worker,
+                                         deterministic=True))
+        pool: list[Record] = []
+        bad = ndraws = 0
+        while len(pool) < need or ndraws < min(2, len(self.urls)):
+            url = next(draws)["url"]
+            ndraws += 1
+            records, n_bad = self.read(url)
+            pool += [records[i] for i in sorted(records)]
+            bad += n_bad
+            if not pool and ndraws >= 10 * len(self.urls):
+                raise DataError(f"data: no readable training sample in {ndraws} shard draws: {self.bad_shards}")
+        return pool, bad
 
     def _account(self, url: str, good: int, bad: int, errors: list[Exception]) -> None:
         self.good += good
@@ -142,37 +167,36 @@ class TrainChunks(IterableDataset):
 
     def __init__(self, cfg: DataConfig, vocab: Vocab, micro_batch_size: int, rank: int, seed: int,
                  start_step: int, conditional: bool):
-        self.reader = ShardReader(cfg, vocab, conditional, "train")
-        self.layout = Layout(cfg, vocab, conditional)
+        sources = cfg.sources()
+        check_mixture([s.path for s in sources])
+        self.readers = [ShardReader(cfg, s.path, vocab, conditional, "train") for s in sources]
+        self.layouts = [Layout(cfg, vocab, conditional, i) for i in range(len(sources))]
+        weights = np.array([s.weight for s in sources])
+        self.weights = weights / weights.sum()  # [S]
         self.vocab, self.micro_batch_size, self.rank, self.seed = vocab, micro_batch_size, rank, seed
         self.start_step = start_step
         # A chunk mixes at least shuffle_buffer samples and two shards' worth, so that the shards
         # drawn for it are used up (reading a shard costs more than batching its samples).
-        samples = max(cfg.shuffle_buffer, 2 * sum(self.reader.counts) / len(self.reader.counts))
-        self.chunk_batches = max(1, math.ceil(samples / micro_batch_size))
+        shard_samples = max(sum(r.counts) / len(r.counts) for r in self.readers)
+        self.chunk_batches = max(1, math.ceil(max(cfg.shuffle_buffer, 2 * shard_samples) / micro_batch_size))
 
-    def chunk_seed(self, chunk: int) -> int:
-        return int(np.random.SeedSequence([self.seed, self.rank, chunk]).generate_state(1)[0])
+    def chunk_seed(self, chunk: int, *more: int) -> int:
+        return int(np.random.SeedSequence([self.seed, self.rank, chunk, *more]).generate_state(1)[0])
 
     def chunk(self, chunk: int) -> list[dict[str, torch.Tensor]]:
         need = self.chunk_batches * self.micro_batch_size
-        seed = self.chunk_seed(chunk)
-        draws = iter(wds.ResampledShards(self.reader.urls, seed=seed, worker_seed=_same_for_every_worker,
-                                         deterministic=True))
-        pool: list[Record] = []
-        bad = ndraws = 0
-        # Pool whole shards until the chunk is full; at least two when there are two, for mixing.
-        while len(pool) < need or ndraws < min(2, len(self.reader.urls)):
-            url = next(draws)["url"]
-            ndraws += 1
-            records, n_bad = self.reader.read(url)
-            pool += [records[i] for i in sorted(records)]
+        picks = np.random.default_rng(self.chunk_seed(chunk)).choice(len(self.readers), size=need, p=self.weights)
+        examples: list = [None] * need
+        bad = 0
+        for s, (reader, layout) in enumerate(zip(self.readers, self.layouts)):
+            slots = np.flatnonzero(picks == s)  # [n_s] the chunk's slots this source fills
+            if not len(slots):
+                continue
+            seed = self.chunk_seed(chunk, s)
+            pool, n_bad = reader.draw(len(slots), seed)
             bad += n_bad
-            if not pool and ndraws >= 10 * len(self.reader.urls):
-                raise DataError(f"data: no readable training sample in {ndraws} shard draws: "
-                                   f"{self.reader.bad_shards}")
-        order = np.random.default_rng(seed).permutation(len(pool))[:need]
-        examples = [self.layout.example(pool[i]) for i in order]
+            for slot, i in zip(slots, np.random.default_rng(seed).permutation(len(pool))):
+                examples[slot] = layout.example(pool[i])
         mbs = self.micro_batch_size
         return [collate(examples[j * mbs:(j + 1) * mbs], self.vocab, bad if j == 0 else 0)
                 for j in range(self.chunk_batches)]
@@ -215,12 +239,12 @@ def _share(lo: int, hi: int, part: int, parts: int) -> tuple[int, int]:
 
 
 class EvalBatches(IterableDataset):
-    """One rank's share of a split, in batches of exactly batch_size slots (None = padding)."""
+    """One rank's share of a split of one source, in batches of exactly batch_size slots (None = padding)."""
 
     def __init__(self, cfg: DataConfig, vocab: Vocab, split: str, batch_size: int, rank: int, world_size: int,
-                 conditional: bool):
-        self.reader = ShardReader(cfg, vocab, conditional, split)
-        self.layout = Layout(cfg, vocab, conditional)
+                 conditional: bool, source: int):
+        self.reader = ShardReader(cfg, cfg.sources()[source].path, vocab, conditional, split)
+        self.layout = Layout(cfg, vocab, conditional, source)
         self.vocab, self.batch_size = vocab, batch_size
         self.offsets = np.concatenate([[0], np.cumsum(self.reader.counts)])  # [n_shards + 1]
         self.world_size, self.num_workers = world_size, max(cfg.num_workers, 1)
@@ -277,8 +301,19 @@ class EvalLoader:
 
 
 def eval_loader(data_cfg: DataConfig, vocab: Vocab, split: str, batch_size: int, rank: int, world_size: int,
-                conditional: bool = False) -> EvalLoader:
+                conditional: bool = False, source: int = 0) -> EvalLoader:
+    """A split of data.sources()[source] (data.path, the first source of a mixture, by default), exactly once."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
-    batches = EvalBatches(data_cfg, vocab, split, batch_size, rank, world_size, conditional)
+    batches = EvalBatches(data_cfg, vocab, split, batch_size, rank, world_size, conditional, source)
     return EvalLoader(batches, data_cfg.num_workers)
+
+
+def eval_loaders(data_cfg: DataConfig, vocab: Vocab, split: str, batch_size: int, rank: int, world_size: int,
+                 conditional: bool = False) -> Iterator[tuple[str, EvalLoader]]:
+    """(name, eval_loader) of each source of data.sources(), in order: a mixture is evaluated per source.
+    Each loader is built when its turn comes, so only one source's workers run at a time."""
+    sources = data_cfg.sources()
+    check_mixture([s.path for s in sources])
+    for i, source in enumerate(sources):
+        yield source.name, eval_loader(data_cfg, vocab, split, batch_size, rank, world_size, conditional, i)

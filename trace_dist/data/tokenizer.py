@@ -6,13 +6,18 @@ UTF-8 text, and token offsets index the original characters (the sentence bounda
 
 from __future__ import annotations
 
+import atexit
+import functools
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from trace_dist.data.integrity import TOKENIZER_FILE, DataError, read_tokenizer, verify_tokenizer
+from trace_dist.data.fetch import is_remote, locate
+from trace_dist.data.integrity import TOKENIZER_FILE, DataError, data_tokenizer, read_tokenizer, verify_tokenizer
 from trace_dist.vocab import SPECIAL_TOKENS, Vocab
 
 MAX_WORD = 256  # longest run of non-space characters BPE training sees in one piece
@@ -58,7 +63,10 @@ def check_special_ids(tokenizer: Tokenizer, origin: str) -> Vocab:
 
 
 def load_tokenizer(path: str | Path) -> tuple[Tokenizer, Vocab]:
-    """From a prepared data directory (verified against its manifest) or a tokenizer.json file itself."""
+    """From a prepared data directory or remote location (verified against its manifest), or a tokenizer.json."""
+    if is_remote(path):
+        tokenizer = data_tokenizer(path)
+        return tokenizer, check_special_ids(tokenizer, locate(path, TOKENIZER_FILE))
     path = Path(path)
     file = path / TOKENIZER_FILE if path.is_dir() else path
     if not file.is_file():
@@ -67,3 +75,20 @@ def load_tokenizer(path: str | Path) -> tuple[Tokenizer, Vocab]:
     if path.is_dir():
         verify_tokenizer(path, tokenizer)
     return tokenizer, check_special_ids(tokenizer, str(file))
+
+
+def tokenizer_file(path: str | Path) -> Path:
+    """A local tokenizer.json of the dataset at `path` (to copy into checkpoints): the file itself, or,
+    for a remote dataset, a verified copy in a temporary directory removed when the process exits."""
+    if not is_remote(path):
+        return Path(path) / TOKENIZER_FILE
+    return _remote_copy(str(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _remote_copy(path: str) -> Path:
+    tokenizer = data_tokenizer(path)
+    folder = Path(tempfile.mkdtemp(prefix="trace-dist-tokenizer-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    (folder / TOKENIZER_FILE).write_text(tokenizer.to_str())  # to_str(): the form tokenizer_sha256 hashes
+    return folder / TOKENIZER_FILE
