@@ -44,6 +44,7 @@ GOALS = {
     ("latent_paths.py", "latent_speedup_k64"): (">=", 10.0),
     ("latent_paths.py", "step_ratio_k64_vs_k4"): ("<=", 1.10),
     ("data_throughput.py", "stream_over_train_ratio"): (">=", 20.0),
+    ("data_throughput.py", "stream_over_train_ratio_http"): (">=", 20.0),
     ("bench_self_bleu.py", "abs_diff"): ("<=", 1e-12),
     ("trainer_overhead.py", "train_over_bare_ratio"): (">=", 0.95),
     ("zero_memory.py", "zero3_over_zero0_bytes"): ("<=", 0.55),

@@ -112,7 +112,7 @@ def test_foreign_and_truncated_shards_are_bad(tiny_data, tmp_path, corpus, caplo
     (data / "train-000002.tar").write_bytes(os.urandom(4096))
     bad = list(eval_loader(cfg_for(data, max_bad_fraction=1.0), vocab, "valid", 64, 0, 1))
     assert sum(int(b["bad_samples"]) for b in bad) == manifest(data)["splits"]["valid"]["samples"]
-    reader = train_loader(cfg_for(data, max_bad_fraction=1.0), vocab, 4, 0, 1, seed=0).chunks.reader
+    reader = train_loader(cfg_for(data, max_bad_fraction=1.0), vocab, 4, 0, 1, seed=0).chunks.readers[0]
     for name in ("train-000001.tar", "train-000002.tar"):
         records, n_bad = reader.read(str(data / name))
         assert not records and n_bad == manifest(data)["splits"]["train"]["shards"][int(name[-5])]["samples"]

@@ -61,9 +61,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def preflight(cfg: TraceConfig, cuda: bool) -> None:
     """Problems that would otherwise surface minutes later, on every rank."""
-    from trace_dist.data import check_data
+    from trace_dist.data import check_sources
 
-    check_data(cfg.data.path)  # manifest valid, tokenizer the recorded one, train and valid splits not empty
+    check_sources(cfg.data)  # each source: manifest valid, tokenizer the recorded one, train/valid not empty
     _check_writable(cfg.run_dir)
     if cfg.precision == "fp16" and not cuda:
         raise ConfigError("precision: fp16 is not supported by DeepSpeed on CPU; use bf16 or fp32")

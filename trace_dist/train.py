@@ -32,6 +32,7 @@ import torch
 
 from trace_dist import checkpoint
 from trace_dist.config import TraceConfig, load_config
+from trace_dist.data import tokens_by_source
 from trace_dist.distributed import DistInfo, accumulate, all_reduce_named, all_reduce_sum, init_distributed
 from trace_dist.engine import build_engine
 from trace_dist.errors import UserError
@@ -73,13 +74,14 @@ class Trainer:
                  on_step: Optional[Callable[[dict], None]] = None):
         """report(val_metrics, checkpoint_dir): after each validation (Ray Tune); lock_token: the run
         lock our launcher holds for us; on_step(record): after each step's record is logged."""
-        from trace_dist.data import load_tokenizer
+        from trace_dist.data import load_tokenizer, tokenizer_file
 
         self.cfg, self.report = cfg, report
         self.dist: DistInfo = init_distributed()
         self.lock = self._lock_run_dir(lock_token)
         try:
-            self.tokenizer_file = Path(cfg.data.path) / "tokenizer.json"
+            self.tokenizer_file = tokenizer_file(cfg.data.path)  # a verified local copy for a remote dataset
+            self.sources = [s.name for s in cfg.data.sources()]
             self.tokenizer, self.vocab = load_tokenizer(cfg.data.path)
             self.engine, self.state = build_engine(cfg, self.dist, self.vocab, log=printer(self.dist.is_main))
             self.log = RunLog(cfg, self.dist.is_main, start_step=self.state["step"], on_step=on_step)
@@ -175,6 +177,8 @@ class Trainer:
             out, batch = self._forward(next(batches), beta)
             accumulate(counts, {k: v for k, v in batch.items() if k == "bad_samples" or k.startswith("cut_")})
             if all_reduce_sum(torch.tensor([float(not torch.isfinite(out.loss))])).item() == 0:
+                if len(self.sources) > 1:  # a mixture: the tokens each source contributed
+                    accumulate(counts, tokens_by_source(batch, self.sources))
                 return out, counts
             self.state["nonfinite_total"] += 1
             self._nonfinite("loss, batch skipped")
@@ -214,6 +218,7 @@ class Trainer:
             "bad_samples": s["bad_samples"].item(),
         }
         record.update({f"data/{k}": v.item() for k, v in s.items() if k.startswith("cut_")})
+        record.update({k: v.item() for k, v in s.items() if k.startswith("data/tokens/")})
         record.update(per_segment(segment_means(s["kl_per_segment"], s["segments"])))
         record.update({f"aux/{k}": float(v.detach()) for k, v in out.aux.items()})
         return record
