@@ -80,23 +80,42 @@ def test_invalid_search_fields_are_named(tmp_path, fields, message):
         load_search(write_search(tmp_path, **fields))
 
 
-def test_invalid_search_exits_2_before_ray_starts(tmp_path):
-    bad = write_search(tmp_path, space={"kl.betta": {"uniform": [0.1, 1.0]}})
-    code = ("import sys; from trace_dist.tune import main; rc = main(['--config', sys.argv[1]]); "
+@pytest.mark.parametrize("case", ["bad key", "no data", "no manifest", "bad override"])
+def test_bad_search_or_data_exits_2_in_one_line_before_ray_starts(tmp_path, tiny_data, case):
+    """`trace-dist tune` itself: one line naming the culprit, exit 2, Ray never imported, nothing written."""
+    unprepared = tmp_path / "unprepared"  # a directory, but `trace-dist prepare` never wrote it
+    unprepared.mkdir()
+    data, space, extra, message = {
+        "bad key": (tiny_data, {"kl.betta": {"uniform": [0.1, 1.0]}}, [],
+                    "space.kl.betta: not a key of the training config (did you mean 'kl.beta'?)"),
+        "no data": (tmp_path / "nodata", {"kl.beta": {"uniform": [0.1, 1.0]}}, [], "data.path: "),
+        "no manifest": (unprepared, {"kl.beta": {"uniform": [0.1, 1.0]}}, [], f"data.path: {unprepared} has no manifest.json"),
+        "bad override": (tiny_data, {"kl.beta": {"uniform": [0.1, 1.0]}}, ["train.max_stpes=3"],
+                         "train.max_stpes: not a key of the training config (did you mean 'train.max_steps'?)"),
+    }[case]
+    bad = write_search(tmp_path, space=space, base={"config": [str(REPO / "configs/tiny.yaml")],
+                                                    "overrides": {"data.path": str(data)}})
+    code = ("import sys; from trace_dist.cli import main; rc = main(sys.argv[1:]); "
             "assert 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)")
-    proc = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-c", code, "tune", "--config", str(bad), *extra], capture_output=True,
+                          text=True, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
-    assert "space.kl.betta: not a key of the training config" in proc.stderr
-    assert not (tmp_path / "runs").exists()
+    assert proc.stderr.startswith("trace-dist tune: ") and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
-def test_missing_data_fails_before_ray(tmp_path, capsys):
-    from trace_dist.tune import main
-
+def test_command_line_overrides_apply_last_and_are_recorded(tmp_path):
     search = write_search(tmp_path, base={"config": [str(REPO / "configs/tiny.yaml")],
-                                          "overrides": {"data.path": str(tmp_path / "nodata")}})
-    assert main(["--config", str(search), "--output", str(tmp_path / "out")]) == 2
-    assert "data.path" in capsys.readouterr().err and not (tmp_path / "out").exists()
+                                          "overrides": {"train.max_steps": 4, "kl.free_bits": 0.25}})
+    spec, base = load_search(search, ["train.max_steps=20", "data.path=/x", "model.n_layer=3"])
+    assert (base.train.max_steps, base.data.path, base.model.n_layer, base.kl.free_bits) == (20, "/x", 3, 0.25)
+    assert spec.base.overrides == {"train.max_steps": 20, "kl.free_bits": 0.25, "data.path": "/x", "model.n_layer": 3}
+    with pytest.raises(ConfigError, match=r"^train\.output_dir: set by the tuner"):
+        load_search(search, ["train.output_dir=/y"])
+    with pytest.raises(ConfigError, match=r"override 'kl\.beta': expected dotted\.key=value"):
+        load_search(search, ["kl.beta"])
+    with pytest.raises(ConfigError, match=r"kl\.free_bits: Input should be greater than or equal to 0"):
+        load_search(search, ["kl.free_bits=-1"])
 
 
 # ------------------------------------------------------------- param space
@@ -197,11 +216,11 @@ def test_plot_and_hparams_are_written(tmp_path):
     assert acc.Scalars("hparams/objective")[-1].step == 4
 
 
-def test_resume_without_a_search_and_rerun_over_one_are_refused(tmp_path, capsys):
+def test_resume_without_a_search_and_rerun_over_one_are_refused(tmp_path, tiny_data, capsys):
     from trace_dist.tune import main
 
     search = write_search(tmp_path, base={"config": [str(REPO / "configs/tiny.yaml")],
-                                          "overrides": {"data.path": str(tmp_path)}})
+                                          "overrides": {"data.path": str(tiny_data)}})
     out = tmp_path / "out"
     assert main(["--config", str(search), "--output", str(out), "--resume"]) == 2
     assert "--resume: no search to resume" in capsys.readouterr().err
