@@ -92,6 +92,9 @@ LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # gloo (CPU) and NCCL's bootstrap (GPU) pick their own interface, by default not the loopback one.
 LOCAL_COLLECTIVES_ENV = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
 LOOPBACK = "127.0.0.1"
+# Run in every Ray worker process when it starts: rank 0's process-group store then listens on
+# MASTER_ADDR alone (torch's listens on all interfaces; rendezvous.py).
+STORE_HOOK = "trace_dist.tune.rendezvous.install"
 
 
 def start_ray(spec: SearchConfig, address: str | None) -> None:
@@ -103,7 +106,7 @@ def start_ray(spec: SearchConfig, address: str | None) -> None:
     if address:
         import ray
 
-        ray.init(address=address, runtime_env={"env_vars": {**env, **spec.env}})
+        ray.init(address=address, runtime_env={"env_vars": {**env, **spec.env}, "worker_process_setup_hook": STORE_HOOK})
         return
     os.environ.update(LOCAL_ONLY_ENV)  # inherited by gcs_server, raylet and every worker
     import ray
@@ -112,7 +115,8 @@ def start_ray(spec: SearchConfig, address: str | None) -> None:
     # 2-core laptop still runs 2-worker trials side by side, just slower).
     need = math.ceil(spec.max_concurrency * (spec.workers * cpus + DRIVER_CPU))
     info = ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, _node_ip_address=LOOPBACK,
-                    runtime_env={"env_vars": {**env, **LOCAL_COLLECTIVES_ENV, **spec.env}})
+                    runtime_env={"env_vars": {**env, **LOCAL_COLLECTIVES_ENV, **spec.env},
+                                 "worker_process_setup_hook": STORE_HOOK})
     if info.address_info["node_ip_address"] != LOOPBACK:  # Ray changed how it resolves addresses
         ray.shutdown()
         raise RuntimeError(f"local Ray came up on {info.address_info['node_ip_address']}, not {LOOPBACK}")
