@@ -13,6 +13,7 @@ DIR layout:
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 import sys
@@ -86,7 +87,8 @@ def prepare(args: argparse.Namespace) -> tuple[SearchConfig, Plan, Path]:
 # Ray's own switch for "this machine only" (what it does on macOS): with it, the node address is
 # 127.0.0.1, and gcs_server, raylet, the agents and every worker listen and connect there. Without
 # it Ray turns any loopback address it is given into the machine's external IP and listens on all
-# interfaces. It is read when `ray` is imported, and it stops `ray start --address` from joining.
+# interfaces (and turns a loopback --address into the external IP, where a loopback head does not
+# listen). It is read when `ray` is imported, and it stops `ray start --address` from joining.
 LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # The trial workers' collectives: Ray Train sets MASTER_ADDR to the node address (127.0.0.1), but
 # gloo (CPU) and NCCL's bootstrap (GPU) pick their own interface, by default not the loopback one.
@@ -97,20 +99,31 @@ LOOPBACK = "127.0.0.1"
 STORE_HOOK = "trace_dist.tune.rendezvous.install"
 
 
+def is_loopback_address(address: str) -> bool:
+    """'127.0.0.1:6379', 'localhost:6379': a Ray cluster on this machine's loopback."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or 'auto'
+        return False
+
+
 def start_ray(spec: SearchConfig, address: str | None) -> None:
     """Join a cluster, or start a local one that only talks over 127.0.0.1 (anyone who can reach a
     Ray port can run code on the machine), with the CPUs max_concurrency trials need."""
     cpus = spec.resources_per_worker.get("CPU", 1.0)
     env = {"DS_ACCELERATOR": "cuda" if spec.use_gpu else "cpu",
            "OMP_NUM_THREADS": str(max(1, int(cpus))), "TOKENIZERS_PARALLELISM": "false"}
-    if address:
-        import ray
-
-        ray.init(address=address, runtime_env={"env_vars": {**env, **spec.env}, "worker_process_setup_hook": STORE_HOOK})
-        return
-    os.environ.update(LOCAL_ONLY_ENV)  # inherited by gcs_server, raylet and every worker
+    if address is None or is_loopback_address(address):
+        # Before `import ray`; a loopback cluster's address then stays 127.0.0.1 for this driver too.
+        os.environ.update(LOCAL_ONLY_ENV)  # inherited by gcs_server, raylet and every worker
     import ray
 
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": {**env, **spec.env}, "worker_process_setup_hook": STORE_HOOK})
+        return
     # Enough logical CPUs for max_concurrency trials (they may exceed the physical ones: a
     # 2-core laptop still runs 2-worker trials side by side, just slower).
     need = math.ceil(spec.max_concurrency * (spec.workers * cpus + DRIVER_CPU))
