@@ -228,3 +228,50 @@ def test_resume_without_a_search_and_rerun_over_one_are_refused(tmp_path, tiny_d
     (out / "search.yaml").write_text("{}")
     assert main(["--config", str(search), "--output", str(out)]) == 2
     assert "pass --resume to continue it" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ network
+@pytest.mark.parametrize("address, loopback", [("127.0.0.1:6379", True), ("localhost:6379", True), ("[::1]:6379", True),
+                                               ("127.3.0.1:1", True), ("10.0.0.1:6379", False), ("auto", False),
+                                               ("head.cluster:6379", False)])
+def test_loopback_cluster_addresses_are_recognised(address, loopback):
+    from trace_dist.tune.cli import is_loopback_address
+
+    assert is_loopback_address(address) is loopback
+
+
+def test_config_nest_and_flatten_are_inverse():
+    from trace_dist.config import flatten, nest
+
+    flat = {"kl.beta": 0.5, "model.n_layer": 2, "data.segment": "fixed:8", "precision": "bf16"}
+    assert nest(flat) == {"kl": {"beta": 0.5}, "model": {"n_layer": 2}, "data": {"segment": "fixed:8"},
+                          "precision": "bf16"}
+    assert flatten(nest(flat)) == flat
+
+
+def test_rendezvous_store_listens_on_master_addr_only():
+    """Rank 0's TCPStore server through the hook vs torch's own (which listens on all interfaces)."""
+    import socket
+    from datetime import timedelta
+
+    import psutil
+
+    from trace_dist.tune.rendezvous import _torch_create_store, store_on_master_addr
+
+    def listening(port: int) -> set[str]:
+        return {c.laddr.ip for c in psutil.Process().net_connections(kind="inet")
+                if c.status == "LISTEN" and c.laddr.port == port}
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port = free_port()
+    store = store_on_master_addr("127.0.0.1", port, 0, 1, timedelta(seconds=30))
+    store.set("k", "v")
+    assert listening(port) == {"127.0.0.1"} and store.get("k") == b"v"
+    wide_port = free_port()
+    wide = _torch_create_store("127.0.0.1", wide_port, 0, 1, timedelta(seconds=30))
+    assert listening(wide_port) - {"127.0.0.1", "::ffff:127.0.0.1"}, "torch's own store now listens on loopback only"
+    del store, wide

@@ -1,6 +1,7 @@
-"""`trace-dist tune --config configs/tune/X.yaml [--output DIR] [--address auto|HOST:PORT] [--resume]`.
+"""`trace-dist tune --config configs/tune/X.yaml [--output DIR] [--address auto|HOST:PORT] [--resume] [key=value ...]`.
 
-Validate everything (exit 2 on a bad search, before Ray starts) -> start or join Ray -> Tuner.fit
+Validate everything (exit 2 on a bad search or unprepared data, before Ray starts) -> start a
+local Ray on 127.0.0.1 only, or join a cluster -> Tuner.fit
 (or Tuner.restore(...).fit with --resume) -> results table, best.yaml, hparams, pareto.png.
 
 DIR layout:
