@@ -52,12 +52,13 @@ def absolute_paths(cfg: TraceConfig) -> TraceConfig:
     return apply(cfg, updates)
 
 
-def check_data(spec: SearchConfig, base: TraceConfig) -> None:
-    """Every data directory a trial may read is prepared (what `trace-dist train` checks before it
-    starts its ranks), so a bad one fails here in one line, not inside Ray in every trial."""
+def preflight_trials(spec: SearchConfig, base: TraceConfig, trials_dir: Path) -> None:
+    """What `trace-dist train` checks before it starts its ranks, for every data directory a trial
+    may read, so a bad one fails here in one line, not inside Ray in every trial."""
     paths = spec.space["data.path"].representatives() if "data.path" in spec.space else [base.data.path]
     for path in paths:
-        preflight(apply(base, {"data.path": str(Path(path).resolve())}), cuda=spec.use_gpu)
+        preflight(apply(base, {"data.path": str(Path(path).resolve()), "train.output_dir": str(trials_dir)}),
+                  cuda=spec.use_gpu)
 
 
 def storage_for(spec: SearchConfig, out: Path) -> str:
@@ -70,8 +71,8 @@ def prepare(args: argparse.Namespace) -> tuple[SearchConfig, Plan, Path]:
     """Everything that can fail on bad input, without Ray. Raises ConfigError."""
     spec, base = load_search(args.config, args.overrides)
     base = absolute_paths(base)
-    check_data(spec, base)
     out = Path(args.output or spec.output or f"runs/tune/{spec.name}").resolve()
+    preflight_trials(spec, base, out / "trials")
     storage = storage_for(spec, out)
     state = f"{storage}/{spec.name}"
     if args.resume and not (out / "search.yaml").exists():
