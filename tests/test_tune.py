@@ -80,23 +80,42 @@ def test_invalid_search_fields_are_named(tmp_path, fields, message):
         load_search(write_search(tmp_path, **fields))
 
 
-def test_invalid_search_exits_2_before_ray_starts(tmp_path):
-    bad = write_search(tmp_path, space={"kl.betta": {"uniform": [0.1, 1.0]}})
-    code = ("import sys; from trace_dist.tune import main; rc = main(['--config', sys.argv[1]]); "
+@pytest.mark.parametrize("case", ["bad key", "no data", "no manifest", "bad override"])
+def test_bad_search_or_data_exits_2_in_one_line_before_ray_starts(tmp_path, tiny_data, case):
+    """`trace-dist tune` itself: one line naming the culprit, exit 2, Ray never imported, nothing written."""
+    unprepared = tmp_path / "unprepared"  # a directory, but `trace-dist prepare` never wrote it
+    unprepared.mkdir()
+    data, space, extra, message = {
+        "bad key": (tiny_data, {"kl.betta": {"uniform": [0.1, 1.0]}}, [],
+                    "space.kl.betta: not a key of the training config (did you mean 'kl.beta'?)"),
+        "no data": (tmp_path / "nodata", {"kl.beta": {"uniform": [0.1, 1.0]}}, [], "data.path: "),
+        "no manifest": (unprepared, {"kl.beta": {"uniform": [0.1, 1.0]}}, [], f"data.path: {unprepared} has no manifest.json"),
+        "bad override": (tiny_data, {"kl.beta": {"uniform": [0.1, 1.0]}}, ["train.max_stpes=3"],
+                         "train.max_stpes: not a key of the training config (did you mean 'train.max_steps'?)"),
+    }[case]
+    bad = write_search(tmp_path, space=space, base={"config": [str(REPO / "configs/tiny.yaml")],
+                                                    "overrides": {"data.path": str(data)}})
+    code = ("import sys; from trace_dist.cli import main; rc = main(sys.argv[1:]); "
             "assert 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)")
-    proc = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-c", code, "tune", "--config", str(bad), *extra], capture_output=True,
+                          text=True, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
-    assert "space.kl.betta: not a key of the training config" in proc.stderr
-    assert not (tmp_path / "runs").exists()
+    assert proc.stderr.startswith("trace-dist tune: ") and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
-def test_missing_data_fails_before_ray(tmp_path, capsys):
-    from trace_dist.tune import main
-
+def test_command_line_overrides_apply_last_and_are_recorded(tmp_path):
     search = write_search(tmp_path, base={"config": [str(REPO / "configs/tiny.yaml")],
-                                          "overrides": {"data.path": str(tmp_path / "nodata")}})
-    assert main(["--config", str(search), "--output", str(tmp_path / "out")]) == 2
-    assert "data.path" in capsys.readouterr().err and not (tmp_path / "out").exists()
+                                          "overrides": {"train.max_steps": 4, "kl.free_bits": 0.25}})
+    spec, base = load_search(search, ["train.max_steps=20", "data.path=/x", "model.n_layer=3"])
+    assert (base.train.max_steps, base.data.path, base.model.n_layer, base.kl.free_bits) == (20, "/x", 3, 0.25)
+    assert spec.base.overrides == {"train.max_steps": 20, "kl.free_bits": 0.25, "data.path": "/x", "model.n_layer": 3}
+    with pytest.raises(ConfigError, match=r"^train\.output_dir: set by the tuner"):
+        load_search(search, ["train.output_dir=/y"])
+    with pytest.raises(ConfigError, match=r"override 'kl\.beta': expected dotted\.key=value"):
+        load_search(search, ["kl.beta"])
+    with pytest.raises(ConfigError, match=r"kl\.free_bits: Input should be greater than or equal to 0"):
+        load_search(search, ["kl.free_bits=-1"])
 
 
 # ------------------------------------------------------------- param space
@@ -197,11 +216,11 @@ def test_plot_and_hparams_are_written(tmp_path):
     assert acc.Scalars("hparams/objective")[-1].step == 4
 
 
-def test_resume_without_a_search_and_rerun_over_one_are_refused(tmp_path, capsys):
+def test_resume_without_a_search_and_rerun_over_one_are_refused(tmp_path, tiny_data, capsys):
     from trace_dist.tune import main
 
     search = write_search(tmp_path, base={"config": [str(REPO / "configs/tiny.yaml")],
-                                          "overrides": {"data.path": str(tmp_path)}})
+                                          "overrides": {"data.path": str(tiny_data)}})
     out = tmp_path / "out"
     assert main(["--config", str(search), "--output", str(out), "--resume"]) == 2
     assert "--resume: no search to resume" in capsys.readouterr().err
@@ -209,3 +228,50 @@ def test_resume_without_a_search_and_rerun_over_one_are_refused(tmp_path, capsys
     (out / "search.yaml").write_text("{}")
     assert main(["--config", str(search), "--output", str(out)]) == 2
     assert "pass --resume to continue it" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ network
+@pytest.mark.parametrize("address, loopback", [("127.0.0.1:6379", True), ("localhost:6379", True), ("[::1]:6379", True),
+                                               ("127.3.0.1:1", True), ("10.0.0.1:6379", False), ("auto", False),
+                                               ("head.cluster:6379", False)])
+def test_loopback_cluster_addresses_are_recognised(address, loopback):
+    from trace_dist.tune.cli import is_loopback_address
+
+    assert is_loopback_address(address) is loopback
+
+
+def test_config_nest_and_flatten_are_inverse():
+    from trace_dist.config import flatten, nest
+
+    flat = {"kl.beta": 0.5, "model.n_layer": 2, "data.segment": "fixed:8", "precision": "bf16"}
+    assert nest(flat) == {"kl": {"beta": 0.5}, "model": {"n_layer": 2}, "data": {"segment": "fixed:8"},
+                          "precision": "bf16"}
+    assert flatten(nest(flat)) == flat
+
+
+def test_rendezvous_store_listens_on_master_addr_only():
+    """Rank 0's TCPStore server through the hook vs torch's own (which listens on all interfaces)."""
+    import socket
+    from datetime import timedelta
+
+    import psutil
+
+    from trace_dist.tune.rendezvous import _torch_create_store, store_on_master_addr
+
+    def listening(port: int) -> set[str]:
+        return {c.laddr.ip for c in psutil.Process().net_connections(kind="inet")
+                if c.status == "LISTEN" and c.laddr.port == port}
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port = free_port()
+    store = store_on_master_addr("127.0.0.1", port, 0, 1, timedelta(seconds=30))
+    store.set("k", "v")
+    assert listening(port) == {"127.0.0.1"} and store.get("k") == b"v"
+    wide_port = free_port()
+    wide = _torch_create_store("127.0.0.1", wide_port, 0, 1, timedelta(seconds=30))
+    assert listening(wide_port) - {"127.0.0.1", "::ffff:127.0.0.1"}, "torch's own store now listens on loopback only"
+    del store, wide

@@ -1,14 +1,23 @@
-"""`trace-dist tune` end to end on a real local Ray instance: 2-worker DeepSpeed ZeRO-2 trials on
-tiny data, an injected worker failure retried from its checkpoint, Ctrl-C and --resume."""
+"""`trace-dist tune` end to end on real Ray: 2-worker DeepSpeed ZeRO-2 trials on tiny data, an
+injected worker failure retried from its checkpoint, Ctrl-C and --resume, the shipped quick search
+(Optuna + ASHA, a Pareto front, nothing but 127.0.0.1 on the wire), and a two-node cluster."""
 
 import csv
+import ipaddress
 import json
+import math
+import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -113,3 +122,173 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(tiny_data, t
     (resumed,) = list((out / "trials").glob("*_00001"))
     assert len(attempts(resumed)) >= 2 and steps(resumed)[-1] == 4
 
+
+
+# ------------------------------------------------------------------ the shipped quick search
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%")[0])
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
+class SocketWatch(threading.Thread):
+    """Every inet socket of a process tree (the search, Ray's daemons, every worker), sampled
+    every 0.2 s while the root process runs: {(process name, status, local ip, remote ip)}."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.root = psutil.Process(pid)
+        self.seen: set[tuple] = set()
+
+    def run(self):
+        while self.root.is_running() and self.root.status() != psutil.STATUS_ZOMBIE:
+            try:
+                tree = [self.root, *self.root.children(recursive=True)]
+            except psutil.Error:
+                return
+            for proc in tree:
+                try:
+                    name = proc.name()
+                    for c in proc.net_connections(kind="inet"):
+                        if c.laddr:
+                            self.seen.add((name, c.status, c.laddr.ip, c.raddr.ip if c.raddr else None))
+                except psutil.Error:  # it ended meanwhile
+                    pass
+            time.sleep(0.2)
+
+
+def test_quick_search_optuna_asha_pareto_and_only_loopback_sockets(tiny_data, tmp_path):
+    """configs/tune/quick.yaml as shipped, data and step count from the command line."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "trace_dist", "tune", "--config", str(REPO / "configs/tune/quick.yaml"),
+           "--output", str(out), f"data.path={tiny_data}", "train.max_steps=16"]
+    log = open(tmp_path / "tune.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    watch = SocketWatch(proc.pid)
+    watch.start()
+    try:
+        rc = proc.wait(timeout=1200)
+    finally:
+        proc.kill()
+        log.close()
+    watch.join(timeout=10)
+    text = (tmp_path / "tune.log").read_text()
+    assert rc == 0, text[-4000:]
+
+    # Nothing listened on or talked to anything but 127.0.0.0/8, and the watch saw Ray's daemons
+    # and the trial workers (the DeepSpeed ranks) at work.
+    outside = sorted(s for s in watch.seen if not is_loopback(s[2]) or (s[3] and not is_loopback(s[3])))
+    assert not outside, outside
+    names = {s[0] for s in watch.seen}
+    assert {"gcs_server", "raylet"} <= names and any(n.startswith("ray::RayTrainWorker") for n in names), names
+    assert any(s[1] == "LISTEN" and s[0].startswith("ray::RayTrainWorker") for s in watch.seen)  # gloo, the store
+
+    # The command-line overrides reached the base config and were recorded.
+    recorded = yaml.safe_load((out / "search.yaml").read_text())
+    assert recorded["base"]["overrides"]["data.path"] == str(tiny_data)
+    assert recorded["search"]["algorithm"] == "optuna" and recorded["scheduler"]["type"] == "asha"
+
+    # Optuna sampled 4 distinct points of the space; ASHA let them run to a rung (step 8) at least.
+    trials = json.loads((out / "results.json").read_text())["trials"]
+    assert len(trials) == 4 and {t["status"] for t in trials} <= {"completed", "stopped"}, trials
+    betas = [t["params"]["kl.beta"] for t in trials]
+    assert len(set(betas)) == 4 and all(0.1 <= b <= 1.0 for b in betas)
+    assert all(t["step"] >= 8 for t in trials) and any(t["status"] == "completed" for t in trials)
+
+    # A real Pareto plot: every trial reported finite diversity of its prior samples.
+    plotted = [t for t in trials if all(math.isfinite(t["metrics"].get(k, math.nan)) for k in ("val_ppl_bound", "distinct_2"))]
+    assert len(plotted) >= 2 and any(t["pareto"] for t in plotted), trials
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    # The table carries every validation metric the trainer reported, the KL floor among them.
+    with open(out / "results.csv") as f:
+        header = next(csv.reader(f))
+    assert any(h.startswith("val_") and "kl_floor" in h for h in header), header
+
+
+# ------------------------------------------------------------------ a two-node cluster
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def agent_ports() -> list[str]:
+    """Ports Ray would otherwise take at fixed defaults, which two nodes on one machine (or other
+    test runs on it) would share."""
+    return ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+            "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
+
+
+def stop_tree(proc: subprocess.Popen) -> None:
+    """End `proc` and every process it started (Ray's daemons, workers), by pid; SIGKILL after 30 s."""
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+def wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None, f"ray start exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"no '{text}' after {timeout} s:\n{log.read_text()[-3000:]}"
+        time.sleep(1)
+
+
+# `ray start --address 127.0.0.1:P` for the second node. Ray 2.60's CLI turns a loopback head
+# address into the machine's external IP (where the loopback head does not listen), and the switch
+# that stops it (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) also refuses to start worker nodes; so this
+# runs the same CLI with the address left as given. The node then takes the address it reaches the
+# head from: 127.0.0.1.
+LOOPBACK_WORKER_NODE = ("import sys; from ray._private import services; "
+                        "services.resolve_ip_for_localhost = lambda host: host; "
+                        "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()")
+
+
+def test_two_node_cluster_spreads_a_trials_workers_over_both_nodes(tiny_data, tmp_path):
+    """`ray start --head` + `ray start --address` (both on 127.0.0.1, one rank slot each), then
+    `trace-dist tune --address`: the trial's 2 workers must run on the 2 nodes."""
+    ray_cli = str(Path(sys.executable).parent / "ray")  # the head: Ray's own CLI
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live under it
+    port = free_port()
+    nodes: list[subprocess.Popen] = []
+    try:
+        for name, args, env in [
+            ("head", ["--head", "--port", str(port), "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir,
+                      "--include-dashboard", "false", "--ray-client-server-port", str(free_port()), "--num-cpus", "2"],
+             {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}),  # a loopback head (see tune/cli.py)
+            ("worker", ["--address", f"127.0.0.1:{port}", "--num-cpus", "1"], {}),
+        ]:
+            log = tmp_path / f"{name}.log"
+            ray_start = [ray_cli, "start"] if name == "head" else [sys.executable, "-c", LOOPBACK_WORKER_NODE, "start"]
+            nodes.append(subprocess.Popen([*ray_start, "--block", "--disable-usage-stats", *args, *agent_ports(),
+                                           "--resources", json.dumps({"rank_slot": 1})],
+                                          stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, **env}))
+            wait_for(log, "Ray runtime started", nodes[-1], timeout=240)
+
+        search = write_search(tmp_path, tiny_data, space={"kl.beta": {"grid": [0.5]}}, max_concurrency=1,
+                              resources_per_worker={"CPU": 1, "rank_slot": 1}, env={"GLOO_SOCKET_IFNAME": "lo"})
+        out = tmp_path / "out"
+        proc = subprocess.run(tune_cmd(search, out, "--address", f"127.0.0.1:{port}"), capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        (trial,) = json.loads((out / "results.json").read_text())["trials"]
+        assert trial["status"] == "completed"
+        workers = [json.loads(line) for line in (out / "trials" / trial["trial"] / "workers.jsonl").read_text().splitlines()]
+        assert sorted(w["rank"] for w in workers) == [0, 1]
+        assert len({w["node_id"] for w in workers}) == 2 and {w["node_ip"] for w in workers} == {"127.0.0.1"}
+    finally:
+        for node in reversed(nodes):
+            stop_tree(node)
+        shutil.rmtree(temp_dir, ignore_errors=True)

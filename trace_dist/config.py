@@ -313,3 +313,49 @@ def load_config(paths: list[str | os.PathLike] | str | None = None, overrides: l
         raw = deep_merge(raw, read_yaml(Path(p)))
     raw = deep_merge(raw, parse_overrides(overrides or []))
     return build_config(raw)
+
+
+# ------------------------------------------------- generic operations (any config model)
+def nest(flat: dict[str, Any]) -> dict:
+    """{'kl.beta': 0.5} -> {'kl': {'beta': 0.5}} (dotted keys to the YAML tree; values copied)."""
+    tree: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = copy.deepcopy(value)
+    return tree
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'kl': {'beta': 0.5}} -> {'kl.beta': 0.5}: the inverse of `nest`."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return flat
+
+
+def field_error(err: dict, root: type[BaseModel]) -> str:
+    """One pydantic error of a `root` model as 'dotted.loc: message'; an unknown key gets the
+    closest known key of its section ("did you mean"), or the list of them."""
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        known = known_keys(err["loc"][:-1], root)
+        close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+        msg = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else f"; known: {', '.join(known)}")
+    elif err["type"] != "missing" and not isinstance(err.get("input"), (dict, type(None))):
+        msg += f" (got {err['input']!r})"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def known_keys(loc: tuple, root: type[BaseModel]) -> list[str]:
+    """The field names of the section of `root` at `loc` ([] where loc is not a section)."""
+    model: Any = root
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        if field is None:
+            return []
+        model = field.annotation
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []

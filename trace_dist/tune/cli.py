@@ -1,6 +1,7 @@
-"""`trace-dist tune --config configs/tune/X.yaml [--output DIR] [--address auto|HOST:PORT] [--resume]`.
+"""`trace-dist tune --config configs/tune/X.yaml [--output DIR] [--address auto|HOST:PORT] [--resume] [key=value ...]`.
 
-Validate everything (exit 2 on a bad search, before Ray starts) -> start or join Ray -> Tuner.fit
+Validate everything (exit 2 on a bad search or unprepared data, before Ray starts) -> start a
+local Ray on 127.0.0.1 only, or join a cluster -> Tuner.fit
 (or Tuner.restore(...).fit with --resume) -> results table, best.yaml, hparams, pareto.png.
 
 DIR layout:
@@ -13,6 +14,7 @@ DIR layout:
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 import sys
@@ -21,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from trace_dist.config import ConfigError, TraceConfig, resolve_path
+from trace_dist.launch import preflight
 from trace_dist.tune.results import (best_row, collect, format_table, mark_pareto, plot_pareto, write_hparams,
                                      write_results)
 from trace_dist.tune.spec import SearchConfig, apply, load_search, num_samples, param_space
@@ -36,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="join a running Ray cluster ('auto' or HOST:PORT); "
                                      "default: start a local Ray instance")
     p.add_argument("--resume", action="store_true", help="continue the interrupted search in the output directory")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value of the base training config (after base.overrides)")
     return p
 
 
@@ -48,6 +52,15 @@ def absolute_paths(cfg: TraceConfig) -> TraceConfig:
     return apply(cfg, updates)
 
 
+def preflight_trials(spec: SearchConfig, base: TraceConfig, trials_dir: Path) -> None:
+    """What `trace-dist train` checks before it starts its ranks, for every data directory a trial
+    may read, so a bad one fails here in one line, not inside Ray in every trial."""
+    paths = spec.space["data.path"].representatives() if "data.path" in spec.space else [base.data.path]
+    for path in paths:
+        preflight(apply(base, {"data.path": str(Path(path).resolve()), "train.output_dir": str(trials_dir)}),
+                  cuda=spec.use_gpu)
+
+
 def storage_for(spec: SearchConfig, out: Path) -> str:
     if spec.storage_path is None:
         return str(out / "ray")
@@ -56,12 +69,10 @@ def storage_for(spec: SearchConfig, out: Path) -> str:
 
 def prepare(args: argparse.Namespace) -> tuple[SearchConfig, Plan, Path]:
     """Everything that can fail on bad input, without Ray. Raises ConfigError."""
-    spec, base = load_search(args.config)
+    spec, base = load_search(args.config, args.overrides)
     base = absolute_paths(base)
-    if not Path(base.data.path).is_dir() and "data.path" not in spec.space:
-        raise ConfigError(f"base: data.path {base.data.path} does not exist "
-                          "(create it with `trace-dist prepare --input ... --output DIR`)")
     out = Path(args.output or spec.output or f"runs/tune/{spec.name}").resolve()
+    preflight_trials(spec, base, out / "trials")
     storage = storage_for(spec, out)
     state = f"{storage}/{spec.name}"
     if args.resume and not (out / "search.yaml").exists():
@@ -75,20 +86,55 @@ def prepare(args: argparse.Namespace) -> tuple[SearchConfig, Plan, Path]:
     return spec, plan, out
 
 
-def start_ray(spec: SearchConfig, address: str | None) -> None:
-    """Join a cluster, or start a local one with the CPUs max_concurrency trials need."""
-    import ray
+# Ray's own switch for "this machine only" (what it does on macOS): with it, the node address is
+# 127.0.0.1, and gcs_server, raylet, the agents and every worker listen and connect there. Without
+# it Ray turns any loopback address it is given into the machine's external IP and listens on all
+# interfaces (and turns a loopback --address into the external IP, where a loopback head does not
+# listen). It is read when `ray` is imported, and it stops `ray start --address` from joining.
+LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# The trial workers' collectives: Ray Train sets MASTER_ADDR to the node address (127.0.0.1), but
+# gloo (CPU) and NCCL's bootstrap (GPU) pick their own interface, by default not the loopback one.
+LOCAL_COLLECTIVES_ENV = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
+LOOPBACK = "127.0.0.1"
+# Run in every Ray worker process when it starts: rank 0's process-group store then listens on
+# MASTER_ADDR alone (torch's listens on all interfaces; rendezvous.py).
+STORE_HOOK = "trace_dist.tune.rendezvous.install"
 
+
+def is_loopback_address(address: str) -> bool:
+    """'127.0.0.1:6379', 'localhost:6379': a Ray cluster on this machine's loopback."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or 'auto'
+        return False
+
+
+def start_ray(spec: SearchConfig, address: str | None) -> None:
+    """Join a cluster, or start a local one that only talks over 127.0.0.1 (anyone who can reach a
+    Ray port can run code on the machine), with the CPUs max_concurrency trials need."""
     cpus = spec.resources_per_worker.get("CPU", 1.0)
     env = {"DS_ACCELERATOR": "cuda" if spec.use_gpu else "cpu",
-           "OMP_NUM_THREADS": str(max(1, int(cpus))), "TOKENIZERS_PARALLELISM": "false", **spec.env}
+           "OMP_NUM_THREADS": str(max(1, int(cpus))), "TOKENIZERS_PARALLELISM": "false"}
+    if address is None or is_loopback_address(address):
+        # Before `import ray`; a loopback cluster's address then stays 127.0.0.1 for this driver too.
+        os.environ.update(LOCAL_ONLY_ENV)  # inherited by gcs_server, raylet and every worker
+    import ray
+
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env})
+        ray.init(address=address, runtime_env={"env_vars": {**env, **spec.env}, "worker_process_setup_hook": STORE_HOOK})
         return
     # Enough logical CPUs for max_concurrency trials (they may exceed the physical ones: a
     # 2-core laptop still runs 2-worker trials side by side, just slower).
     need = math.ceil(spec.max_concurrency * (spec.workers * cpus + DRIVER_CPU))
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, runtime_env={"env_vars": env})
+    info = ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, _node_ip_address=LOOPBACK,
+                    runtime_env={"env_vars": {**env, **LOCAL_COLLECTIVES_ENV, **spec.env},
+                                 "worker_process_setup_hook": STORE_HOOK})
+    if info.address_info["node_ip_address"] != LOOPBACK:  # Ray changed how it resolves addresses
+        ray.shutdown()
+        raise RuntimeError(f"local Ray came up on {info.address_info['node_ip_address']}, not {LOOPBACK}")
 
 
 def trial_name(trial) -> str:

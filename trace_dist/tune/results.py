@@ -13,9 +13,13 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from trace_dist.tune.spec import DIVERSITY_METRICS, METRIC_MODES, QUALITY_METRICS, Plot
+from trace_dist.tune.spec import DIVERSITY_METRICS, METRIC_MODES, VALIDATION_PREFIX, Plot
 
-TABLE_METRICS = QUALITY_METRICS + DIVERSITY_METRICS
+
+def is_table_metric(name: str) -> bool:
+    """Every validation metric the trainer reports, under its own name (so a metric it adds or
+    renames needs no change here), and the diversity metrics."""
+    return name.startswith(VALIDATION_PREFIX) or name in DIVERSITY_METRICS
 
 
 def _number(x: Any) -> Optional[float]:
@@ -51,7 +55,7 @@ def collect(result_grid, plan, experiment_path: str) -> list[dict]:
             status = "completed" if step >= plan.trial_config(trial, params).train.max_steps else "stopped"
         rows.append({"trial": trial, "status": status, "step": step, "params": params,
                      "objective": _number(metrics.get("objective")),
-                     "metrics": {k: v for k, v in metrics.items() if k in TABLE_METRICS},
+                     "metrics": {k: v for k, v in metrics.items() if is_table_metric(k)},
                      "pareto": False, "error": None if result.error is None else str(result.error).splitlines()[0]})
     rows.sort(key=lambda r: r["trial"])
     return rows
@@ -90,12 +94,14 @@ def best_row(rows: list[dict], mode: str) -> Optional[dict]:
 
 # ------------------------------------------------------------------ writing
 def columns(rows: list[dict]) -> tuple[list[str], list[str]]:
-    """(param keys, metric names) present in any row, params in first-seen order."""
+    """(param keys, metric names) present in any row: params and validation metrics in first-seen
+    (the trainer's) order, then the diversity metrics."""
     params: list[str] = []
+    validation: list[str] = []
     for r in rows:
         params += [k for k in r["params"] if k not in params]
-    metrics = [m for m in TABLE_METRICS if any(m in r["metrics"] for r in rows)]
-    return params, metrics
+        validation += [m for m in r["metrics"] if m.startswith(VALIDATION_PREFIX) and m not in validation]
+    return params, validation + [m for m in DIVERSITY_METRICS if any(m in r["metrics"] for r in rows)]
 
 
 def flat(rows: list[dict]) -> tuple[list[str], list[list[Any]]]:

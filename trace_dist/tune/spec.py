@@ -12,15 +12,15 @@ here, not in trial 7 after an hour.
 
 from __future__ import annotations
 
-import copy
 import difflib
 import itertools
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from trace_dist.config import ConfigError, TraceConfig, read_yaml, build_config, deep_merge, load_config
+from trace_dist.config import (ConfigError, TraceConfig, _Section, build_config, deep_merge, field_error, flatten,
+                               load_config, nest, parse_overrides, read_yaml)
 
 PRIMITIVES = ("choice", "uniform", "loguniform", "randint", "grid")
 
@@ -30,14 +30,10 @@ METRIC_MODES: dict[str, str] = {
     **{f"self_bleu_{n}": "min" for n in range(1, 5)},
     **{f"distinct_{n}": "max" for n in range(1, 5)},
 }
-QUALITY_METRICS = ("val_loss", "val_rec", "val_kl", "val_ppl_bound", "val_elbo", "kl_floor")
 DIVERSITY_METRICS = tuple(k for k in METRIC_MODES if k.startswith(("self_bleu_", "distinct_")))
+VALIDATION_PREFIX = "val_"  # the trainer's validation metrics (val_loss, val_kl, its KL floor, ...)
 # Keys the tuner owns in every trial config (one run directory per trial, resume from Ray).
 RESERVED_KEYS = ("train.output_dir", "checkpoint.resume")
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class Domain(_Section):
@@ -226,30 +222,27 @@ class SearchConfig(_Section):
 
 
 # ------------------------------------------------------------------ loading
-def _format(e: ValidationError, where: str) -> str:
-    lines = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"{loc}: {msg}" if loc else msg)
-    return f"{where}: invalid search config:\n  " + "\n  ".join(lines)
+def load_search(path: str | Path, overrides: list[str] = ()) -> tuple[SearchConfig, TraceConfig]:
+    """Parse + validate the search file, its base config and its space. Raises ConfigError.
 
-
-def load_search(path: str | Path) -> tuple[SearchConfig, TraceConfig]:
-    """Parse + validate the search file, its base config and its space. Raises ConfigError."""
+    `overrides` ('train.max_steps=20', as for `trace-dist train`) join base.overrides, last.
+    """
     path = Path(path)
     raw = read_yaml(path)  # the training configs' reader: same errors, same `extends:`
     try:
         spec = SearchConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format(e, str(path))) from None
+        lines = [field_error(err, SearchConfig) for err in e.errors()]
+        raise ConfigError(f"{path}: invalid search config:\n  " + "\n  ".join(lines)) from None
+    command_line = flatten(parse_overrides(list(overrides)))
+    for key in command_line:
+        check_key(key, "")
+    spec.base.overrides.update(command_line)  # so search.yaml records them
     if spec.name is None:
         spec.name = path.stem
     base_paths = [p if Path(p).is_absolute() else str(path.parent / p) for p in spec.base.config]
     for key in spec.base.overrides:
-        check_key(key, "base.overrides")
+        check_key(key, "base.overrides.")
     base = apply(load_config(base_paths), spec.base.overrides)
     validate_space(spec, base)
     return spec, base
@@ -257,25 +250,14 @@ def load_search(path: str | Path) -> tuple[SearchConfig, TraceConfig]:
 
 # ------------------------------------------------------------- dotted keys
 def check_key(key: str, where: str) -> None:
+    """`key` is a searchable leaf of the training config; errors name it as `where + key`."""
     if key in RESERVED_KEYS:
-        raise ConfigError(f"{where}.{key}: set by the tuner for every trial; remove it")
+        raise ConfigError(f"{where}{key}: set by the tuner for every trial; remove it")
     known = list(TraceConfig().flat())
     if key not in known:
         close = difflib.get_close_matches(key, known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"{where}.{key}: not a key of the training config{hint}")
-
-
-def nest(flat: dict[str, Any]) -> dict:
-    """{'kl.beta': 0.5} -> {'kl': {'beta': 0.5}}."""
-    tree: dict = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = copy.deepcopy(value)
-    return tree
+        raise ConfigError(f"{where}{key}: not a key of the training config{hint}")
 
 
 def apply(cfg: TraceConfig, flat: dict[str, Any]) -> TraceConfig:
@@ -286,7 +268,7 @@ def apply(cfg: TraceConfig, flat: dict[str, Any]) -> TraceConfig:
 def validate_space(spec: SearchConfig, base: TraceConfig) -> None:
     """Each key names a leaf; each representative value builds a valid config with the base."""
     for key, domain in spec.space.items():
-        check_key(key, "space")
+        check_key(key, "space.")
         for value in domain.representatives():
             try:
                 apply(base, {key: value})

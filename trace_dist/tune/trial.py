@@ -13,6 +13,7 @@ directory, which the trainer resumes from (`checkpoint.resume`).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from trace_dist.config import TraceConfig
 from trace_dist.tune.spec import FaultInjection, Objective, apply
 
 ATTEMPTS_FILE = "attempts.jsonl"  # one line per (re)start of a trial's workers, in the trial dir
+WORKERS_FILE = "workers.jsonl"  # one line per worker start: rank, node id and address, pid
 FAULT_MARKER = ".fault_injected"
 PLACEMENT_GROUP_FILE = ".placement_group"  # the id of the trial's current worker-group placement group
 
@@ -127,8 +129,12 @@ def train_worker(loop_config: dict) -> None:
     report = RayReport(Objective.model_validate(loop_config["objective"]), cfg.run_dir,
                        loop_config["fail_at_report"])
     checkpoint = ray.train.get_checkpoint()
-    if ray.train.get_context().get_world_rank() == 0:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    rank = ray.train.get_context().get_world_rank()
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(cfg.run_dir / WORKERS_FILE, "a") as f:  # which node ran which rank (its logs are there)
+        f.write(json.dumps({"time": time.time(), "rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+                            "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}) + "\n")
+    if rank == 0:
         with open(cfg.run_dir / ATTEMPTS_FILE, "a") as f:
             f.write(json.dumps({"time": time.time(), "resume": checkpoint.path if checkpoint else None}) + "\n")
         group = ray.util.get_current_placement_group()
