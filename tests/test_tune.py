@@ -88,8 +88,8 @@ def test_bad_search_or_data_exits_2_in_one_line_before_ray_starts(tmp_path, tiny
     data, space, extra, message = {
         "bad key": (tiny_data, {"kl.betta": {"uniform": [0.1, 1.0]}}, [],
                     "space.kl.betta: not a key of the training config (did you mean 'kl.beta'?)"),
-        "no data": (tmp_path / "nodata", {"kl.beta": {"uniform": [0.1, 1.0]}}, [], "data.path: "),
-        "no manifest": (unprepared, {"kl.beta": {"uniform": [0.1, 1.0]}}, [], f"data.path: {unprepared} has no manifest.json"),
+        "no data": (tmp_path / "nodata", {"kl.beta": {"uniform": [0.1, 1.0]}}, [], "nodata/manifest.json (run `trace-dist prepare` first)"),
+        "no manifest": (unprepared, {"kl.beta": {"uniform": [0.1, 1.0]}}, [], f"no {unprepared}/manifest.json"),
         "bad override": (tiny_data, {"kl.beta": {"uniform": [0.1, 1.0]}}, ["train.max_stpes=3"],
                          "train.max_stpes: not a key of the training config (did you mean 'train.max_steps'?)"),
     }[case]

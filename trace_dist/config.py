@@ -180,7 +180,7 @@ class TraceConfig(_Section):
         base config embedded: what `trace-dist train` writes once and hands to every rank, so no rank
         re-reads a file that may have changed or resolves a path from another directory or node."""
         raw = self.model_dump(mode="json")
-        raw["data"]["path"] = os.path.abspath(self.data.path)
+        raw["data"] = self.data.absolute().model_dump(mode="json")  # local paths pinned, URLs kept
         raw["train"]["output_dir"] = os.path.abspath(self.train.output_dir)
         if self.model.init_from:
             raw["model"]["init_from"] = os.path.abspath(self.model.init_from)
@@ -192,12 +192,7 @@ class TraceConfig(_Section):
 
     def flat(self) -> dict[str, Any]:
         """{'model.n_layer': 4, ...}: every leaf under its dotted key (the override syntax)."""
-        def walk(node: dict, prefix: str) -> dict:
-            out = {}
-            for k, v in node.items():
-                out.update(walk(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-            return out
-        return walk(self.model_dump(mode="json"), "")
+        return flatten(self.model_dump(mode="json"))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -274,33 +269,11 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _field_error(err: dict) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        known = _known_keys(err["loc"][:-1])
-        close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
-        msg = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else f"; known: {', '.join(known)}")
-    elif err["type"] != "missing" and not isinstance(err.get("input"), (dict, type(None))):
-        msg += f" (got {err['input']!r})"
-    return f"{loc}: {msg}" if loc else msg
-
-
-def _known_keys(loc: tuple) -> list[str]:
-    model: Any = TraceConfig
-    for part in loc:
-        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
-        if field is None:
-            return []
-        model = field.annotation
-    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
-
-
 def build_config(raw: dict) -> TraceConfig:
     try:
         return TraceConfig.model_validate(raw)
     except ValidationError as e:
-        lines = [_field_error(err) for err in e.errors()]
+        lines = [field_error(err, TraceConfig) for err in e.errors()]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 

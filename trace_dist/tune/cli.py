@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from trace_dist.config import ConfigError, TraceConfig, resolve_path
+from trace_dist.config import ConfigError, TraceConfig
 from trace_dist.launch import preflight
 from trace_dist.tune.results import (best_row, collect, format_table, mark_pareto, plot_pareto, write_hparams,
                                      write_results)
@@ -43,15 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def absolute_paths(cfg: TraceConfig) -> TraceConfig:
-    """Ray workers run in other directories (and on other nodes): pin every path of the base."""
-    updates = {"data.path": str(Path(cfg.data.path).resolve()),
-               "deepspeed_config": str(resolve_path(cfg.deepspeed_config).resolve())}
-    if cfg.model.init_from:
-        updates["model.init_from"] = str(Path(cfg.model.init_from).resolve())
-    return apply(cfg, updates)
-
-
 def preflight_trials(spec: SearchConfig, base: TraceConfig, trials_dir: Path) -> None:
     """What `trace-dist train` checks before it starts its ranks, for every data directory a trial
     may read, so a bad one fails here in one line, not inside Ray in every trial."""
@@ -70,7 +61,7 @@ def storage_for(spec: SearchConfig, out: Path) -> str:
 def prepare(args: argparse.Namespace) -> tuple[SearchConfig, Plan, Path]:
     """Everything that can fail on bad input, without Ray. Raises ConfigError."""
     spec, base = load_search(args.config, args.overrides)
-    base = absolute_paths(base)
+    base = base.resolved()  # Ray workers run in other directories and on other nodes
     out = Path(args.output or spec.output or f"runs/tune/{spec.name}").resolve()
     preflight_trials(spec, base, out / "trials")
     storage = storage_for(spec, out)
