@@ -105,8 +105,9 @@ def verify(folder: Path) -> list[str]:
 
 
 def check_in_clean_venv() -> None:
-    """The same list for this machine's Python, installed offline into a fresh venv that holds only
-    the GPU image's packages (from the local wheel cache), then the trace-dist entry points imported."""
+    """The same list built for this machine's Python, installed offline (--no-index, dependencies
+    resolved: only the folder and what is installed count) into a fresh venv that holds only the
+    GPU image's packages, then the trace-dist entry points imported."""
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "whl"
         build(local, f"{sys.version_info.major}.{sys.version_info.minor}")
@@ -114,9 +115,9 @@ def check_in_clean_venv() -> None:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
         py = str(venv / "bin" / "python")
         image = sorted(GPU_IMAGE - {"nvidia-ml-py"})
-        subprocess.run([py, "-m", "pip", "install", "-q", "--no-index", *image], check=True, timeout=1800)
-        subprocess.run([py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", *map(str, wheels_in(local))],
-                       check=True, timeout=600)
+        subprocess.run([py, "-m", "pip", "install", "-q", *image], check=True, timeout=1800)
+        subprocess.run([py, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(local),
+                        *(f"{n}=={v}" for n, v in WHEELS.items())], check=True, timeout=600)
         code = ("import deepspeed, webdataset, pydantic, pysbd; import trace_dist.train, trace_dist.evaluate, "
                 "trace_dist.generate, trace_dist.data.prepare, trace_dist.mfu; print('imports ok', deepspeed.__version__)")
         subprocess.run([py, "-c", code], check=True, timeout=600, cwd=REPO,

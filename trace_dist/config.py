@@ -45,6 +45,10 @@ class TrainConfig(_Section):
     warmup_steps: Optional[int] = Field(None, ge=0, description="LR warm-up (default: ds_config.json)")
     weight_decay: Optional[float] = Field(None, ge=0.0)
     gradient_clipping: float = Field(1.0, ge=0.0, description="global-norm clip; 0 disables")
+    adam: Literal["auto", "torch", "deepspeed"] = Field(
+        "auto", description="AdamW kernel: 'deepspeed' = FusedAdam on the GPU, DeepSpeedCPUAdam under "
+                            "zero.offload_optimizer; 'torch' = torch.optim.AdamW; 'auto' = deepspeed on CUDA or "
+                            "with offload, else torch")
     log_interval: int = Field(10, ge=1)
     eval_interval: int = Field(100, ge=1, description="validate every N steps (and at the end)")
     eval_batches: int = Field(8, ge=1, description="validation micro-batches per rank")
@@ -144,6 +148,7 @@ class TraceConfig(_Section):
         ds.setdefault("bf16", {})["enabled"] = self.precision == "bf16"
         ds.setdefault("fp16", {})["enabled"] = self.precision == "fp16"
         opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})
+        opt["torch_adam"] = self.adam_impl() == "torch"   # DeepSpeed's own kernel otherwise (see adam_impl)
         if self.train.lr is not None:
             opt["lr"] = self.train.lr
         if self.train.weight_decay is not None:
@@ -158,6 +163,16 @@ class TraceConfig(_Section):
                 sched["warmup_max_lr"] = self.train.lr
         ds.pop("tensorboard", None)  # we write our own events (DeepSpeed no longer logs the loss)
         return ds
+
+    def adam_impl(self) -> str:
+        """'torch' or 'deepspeed' for train.adam. DeepSpeed's AdamW is FusedAdam where the step runs
+        on the GPU and DeepSpeedCPUAdam (JIT-built, ~80 s the first time on 2 cores) where ZeRO
+        offloads it to the CPU; 'auto' takes it wherever it beats torch's AdamW (CUDA, offload)."""
+        if self.train.adam != "auto":
+            return self.train.adam
+        import torch  # here, so that validating a config never pays for importing torch
+
+        return "deepspeed" if self.zero.offload_optimizer or torch.cuda.is_available() else "torch"
 
     def flat(self) -> dict[str, Any]:
         """{'model.n_layer': 4, ...}: every leaf under its dotted key (the override syntax)."""
