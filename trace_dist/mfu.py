@@ -45,11 +45,11 @@ def matmul_probe(device: torch.device, dtype: torch.dtype = torch.float32, n: in
 
 
 def device_peak(device: torch.device, dtype: torch.dtype = torch.bfloat16, configured: Optional[float] = None) -> float:
-    """Peak FLOP/s of one device: `configured` if given, the bf16 table for a known GPU in bf16,
-    else the matmul probe."""
+    """Peak FLOP/s of one device: `configured` if given, the table for a known GPU in bf16 or fp16
+    (the same dense tensor-core rate on these parts), else the matmul probe in `dtype`."""
     if configured is not None:
         return float(configured)
-    if device.type == "cuda" and dtype == torch.bfloat16:
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         peak = table_peak(torch.cuda.get_device_name(device))
         if peak is not None:
             return peak
