@@ -82,22 +82,33 @@ def section(results: dict, name: str, fn, *args) -> None:
           f"({results[name]['wall_s']} s)", flush=True)
 
 
+# Fallbacks tried in order when a training run fails, so that one GPU run says which part broke:
+# DeepSpeed's FusedAdam (JIT-built with the machine's nvcc), then FlexAttention (compiled Triton).
+ATTEMPTS = (("default", {}, None), ("train.adam=torch", {"adam": "torch"}, None),
+            ("train.adam=torch, no flex", {"adam": "torch"}, False))
+
+
 def train(cfg, peak: float) -> dict:
-    """The real trainer; retried without FlexAttention if it fails with it."""
+    """The real trainer, with the ATTEMPTS fallbacks; figures of the first attempt that trains."""
     from trace_dist.model import blocks
     from trace_dist.train import run_training
 
-    flex_error = None
-    try:
-        run_training(cfg)
-    except Exception as e:  # noqa: BLE001
-        if not blocks.flex_wanted(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
-            raise
-        flex_error = f"{type(e).__name__}: {e}"[:2000]
-        with blocks.use_flex(False):
-            run_training(cfg.model_copy(update={"train": cfg.train.model_copy(
-                update={"output_dir": str(cfg.run_dir) + "_sdpa"})}))
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"output_dir": str(cfg.run_dir) + "_sdpa"})})
+    failures = {}
+    for name, train_update, flex in ATTEMPTS:
+        if failures and flex is False and not blocks.flex_wanted(torch.device("cuda" if torch.cuda.is_available()
+                                                                              else "cpu")):
+            continue                                      # flex was not in use: nothing new to try
+        out = f"{cfg.run_dir}_{len(failures)}" if failures else str(cfg.run_dir)
+        attempt = cfg.model_copy(update={"train": cfg.train.model_copy(update={**train_update, "output_dir": out})})
+        try:
+            with blocks.use_flex(flex):
+                run_training(attempt)
+            cfg, flex_used = attempt, flex
+            break
+        except Exception as e:  # noqa: BLE001
+            failures[name] = f"{type(e).__name__}: {e}"[:2000]
+    else:
+        raise RuntimeError(f"every attempt failed: {failures}")
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows]
     half = max(1, len(losses) // 2)
@@ -111,7 +122,8 @@ def train(cfg, peak: float) -> dict:
             "finite": all(map(lambda x: x == x and abs(x) != float("inf"), losses)),
             "falling": sum(losses[half:]) / len(losses[half:]) < sum(losses[:half]) / half,
             "tokens_per_s_median": round(tokens_per_s, 1), "mfu_pct": round(100 * mfu(tokens_per_s, flops, peak), 2),
-            "adam": cfg.adam_impl(), "flex_error": flex_error, "run_dir": str(cfg.run_dir)}
+            "adam": cfg.adam_impl(), "failed_attempts": failures, "run_dir": str(cfg.run_dir), "_cfg": cfg,
+            "_flex": flex_used}
 
 
 def profile(cfg, size: dict, peak: float) -> dict:
@@ -226,6 +238,7 @@ def main(argv=None) -> dict:
     common.pin_threads(1 if dry else min(8, os.cpu_count() or 1))
     size = SIZES["dry" if dry else "gpu"]
     from trace_dist.mfu import device_peak
+    from trace_dist.model.blocks import use_flex
 
     start = time.perf_counter()
     results: dict = {"dry_run": dry, "environment": environment()}
@@ -234,9 +247,13 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = common.prepare_pydoc(Path(tmp) / "pydoc")
         cfgs = {s: run_config(data, Path(tmp) / f"zero{s}", size, s, dry) for s in (2, 3)}
+        flex = {}
         for s in (2, 3):
             section(results, f"train_zero{s}", train, cfgs[s], peak)
-        section(results, "profile", profile, cfgs[2], size, peak)
+            cfgs[s] = results[f"train_zero{s}"].pop("_cfg", cfgs[s])     # the settings that trained
+            flex[s] = results[f"train_zero{s}"].pop("_flex", None)
+        with use_flex(flex[2]):
+            section(results, "profile", profile, cfgs[2], size, peak)
         run_dir = results["train_zero2"].get("run_dir", str(cfgs[2].run_dir))
         section(results, "eval", evaluate, run_dir, data, size)
         section(results, "generate", generate, run_dir, size)
