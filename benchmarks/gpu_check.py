@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import tempfile
 import time
@@ -113,13 +114,14 @@ def train(cfg, peak: float) -> dict:
     losses = [r["loss"] for r in rows]
     half = max(1, len(losses) // 2)
     tokens_per_s = sorted(r["tokens_per_s"] for r in rows[1:] or rows)[len(rows[1:] or rows) // 2]   # median
+    from trace_dist.data import load_tokenizer
     from trace_dist.mfu import mfu
     from trace_dist.model import TRACE
-    from trace_dist.data import load_tokenizer
 
-    flops = TRACE(cfg.model, load_tokenizer(cfg.data.path)[1]).flops_per_token()
+    with torch.device("meta"):                            # shapes only, for the FLOP count
+        flops = TRACE(cfg.model, load_tokenizer(cfg.data.path)[1]).flops_per_token()
     return {"steps": len(rows), "loss_first": losses[0], "loss_last": losses[-1],
-            "finite": all(map(lambda x: x == x and abs(x) != float("inf"), losses)),
+            "finite": all(map(math.isfinite, losses)),
             "falling": sum(losses[half:]) / len(losses[half:]) < sum(losses[:half]) / half,
             "tokens_per_s_median": round(tokens_per_s, 1), "mfu_pct": round(100 * mfu(tokens_per_s, flops, peak), 2),
             "adam": cfg.adam_impl(), "failed_attempts": failures, "run_dir": str(cfg.run_dir), "_cfg": cfg,
