@@ -28,13 +28,10 @@ import time
 import common  # first: pins threads
 import torch
 
+from trace_dist.mfu import table_peak
 from trace_dist.model import TRACE
 from trace_dist.model.config import ModelConfig
 from trace_dist.vocab import Vocab
-
-# Nominal dense bf16 tensor-core peaks (vendor datasheets, no sparsity), by device-name substring.
-GPU_BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
-                 "A10": 125e12, "4090": 165e12}
 
 # Op-name fragments -> kind, for the profile split (first match wins; the rest is "other").
 KINDS = (("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul")),
@@ -185,7 +182,7 @@ def main(argv=None) -> dict:
                "dtype": str(dtype).removeprefix("torch.")}
     if device.type == "cuda":
         name = torch.cuda.get_device_name(0)
-        nominal = next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
+        nominal = table_peak(name)
         if nominal is not None:
             rows.append(["MFU vs nominal bf16 peak", f"{100 * achieved / nominal:.1f} %  ({nominal / 1e12:.0f} TFLOP/s)"])
             figures["mfu_nominal_bf16_pct"] = round(100 * achieved / nominal, 2)

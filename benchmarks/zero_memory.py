@@ -1,7 +1,7 @@
 """Per-rank model-state memory and communication per step of ZeRO 0/1/2/3, 2 gloo ranks.
 
 Two spawned ranks each build, for every stage in turn, a fresh TRACE engine (quickstart shapes at
-n_embd 256, fp32, the project's ds_config.json with stage3_param_persistence_threshold 0 so that
+n_embd 256, fp32 or --precision bf16, the project's ds_config.json with stage3_param_persistence_threshold 0 so that
 ZeRO-3 partitions every parameter) and train a few steps on the built-in corpus. Counted from the
 engine's actual tensors, at the moment the inner torch optimizer's step() is called (so the
 gradients are the ones held at step time), each byte once (views into one buffer are merged):
@@ -14,9 +14,11 @@ gradients are the ones held at step time), each byte once (views into one buffer
 Communication: torch.distributed's collectives are wrapped in the rank processes (before DeepSpeed
 binds them); one whole training step after warm-up is counted, as the payload of each call (the
 full tensor: all-reduce buffer, reduce-scatter input, all-gather output), per rank.
-Goal: zero3_over_zero0_bytes (params+master+grads+optimizer, ZeRO-3 / ZeRO-0) <= 0.55.
+Goal: zero3_over_zero0_bytes (params+master+grads+optimizer, ZeRO-3 / ZeRO-0) <= 0.55, and the same in
+bf16 (the GPU setting; bf16 params and gradients, fp32 master and Adam moments), whose figures carry
+the suffix _bf16 (zero3_over_zero0_bytes_bf16).
 
-    python benchmarks/zero_memory.py [--smoke] [--steps 3]
+    python benchmarks/zero_memory.py [--smoke] [--steps 3] [--precision bf16]
 """
 
 from __future__ import annotations
@@ -127,11 +129,13 @@ def snapshot(engine, inner) -> dict[str, int]:
     opt_params = [p for g in inner.param_groups for p in g["params"]]
     claims = [("params", getattr(p, "ds_tensor", p.data)) for p in module.parameters()]
     claims += [("master", p) for p in opt_params]
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO-1/2, ZeRO-3
+    # fp32 master copies: ZeRO-1/2, ZeRO-3, and DeepSpeed's BF16_Optimizer (bf16 at ZeRO-0)
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
         claims += [("master", t) for t in getattr(engine.optimizer, name, [])]
     claims += [("grads", p.grad) for p in list(module.parameters()) + opt_params]
     claims += [("grads", t) for t in _tensors(getattr(engine.optimizer, "averaged_gradients", None))]
-    claims += [("grads", t) for t in _tensors(getattr(engine.optimizer, "grad_partitions_flat_buffer", None))]
+    for name in ("grad_partitions_flat_buffer", "fp32_groups_gradients_flat"):  # ZeRO-3, BF16_Optimizer
+        claims += [("grads", t) for t in _tensors(getattr(engine.optimizer, name, None))]
     claims += [("optimizer", t) for state in inner.state.values() for t in _tensors(state)]
     if engine.optimizer is not inner:  # a ZeRO optimizer: whatever else it holds
         claims += [("buffers", t) for t in _tensors(vars(engine.optimizer))]
@@ -188,13 +192,14 @@ def rank_main(data: str, model_overrides: list[str], steps: int) -> dict:
 def main(argv=None) -> dict:
     ap = common.arg_parser(__doc__, smoke="tests: a 2x64 model")
     ap.add_argument("--steps", type=int, default=3, help="training steps per stage (the last is counted)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = ap.parse_args(argv)
     if args.steps < 2:
         ap.error("--steps must be >= 2 (warm-up, then the counted step)")
     from dist_utils import run_ranks
 
     model = (["model.n_layer=2", "model.n_embd=64", "model.n_head=2"] if args.smoke
-             else ["model.n_embd=256", "model.n_head=4"])
+             else ["model.n_embd=256", "model.n_head=4"]) + [f"precision={args.precision}"]
     with tempfile.TemporaryDirectory() as tmp:
         data = common.prepare_pydoc(Path(tmp) / "data")
         ranks = run_ranks(rank_main, 2, str(data), model, args.steps, tmp_path=tmp)
@@ -203,7 +208,7 @@ def main(argv=None) -> dict:
     total = {k: sum(r0[k]["bytes"].get(c, 0) for c in CATEGORIES) for k in VARIANTS}
     comm = {k: sum(b for _, b in r0[k]["comm"].values()) for k in VARIANTS}
     label = {k: LABELS.get(k, str(VARIANTS[k][0])) for k in VARIANTS}
-    print(f"\nper-rank memory at the optimizer step, 2 ranks, fp32, {n_params / 1e6:.2f} M parameters "
+    print(f"\nper-rank memory at the optimizer step, 2 ranks, {args.precision}, {n_params / 1e6:.2f} M parameters "
           f"({param_bytes / MB:.1f} MB fp32); MB, rank 0")
     common.table(["ZeRO", *CATEGORIES, "states total", "/ ZeRO-0", "bytes/param", "other buffers"],
                  [[label[k], *(f"{r0[k]['bytes'].get(c, 0) / MB:.1f}" for c in CATEGORIES), f"{total[k] / MB:.1f}",
@@ -222,7 +227,8 @@ def main(argv=None) -> dict:
                **{f"{k}_comm_over_param_bytes": round(comm[k] / param_bytes, 3) for k in VARIANTS},
                "comm_bytes_by_op": {k: {op: b for op, (_, b) in r0[k]["comm"].items()} for k in VARIANTS},
                "state_bytes_by_kind": {k: r0[k]["bytes"] for k in VARIANTS}}
-    return common.emit(figures)
+    suffix = "" if args.precision == "fp32" else f"_{args.precision}"
+    return common.emit({f"{k}{suffix}": v for k, v in figures.items()})
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def test_deepspeed_config_is_patched_by_typed_keys():
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["train_batch_size"] == cfg.train.micro_batch_size * 2 * 2
-    assert ds["optimizer"]["params"]["lr"] == 0.01 and ds["optimizer"]["params"]["torch_adam"]
+    assert ds["optimizer"]["params"]["lr"] == 0.01 and not ds["optimizer"]["params"]["torch_adam"]
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["gradient_clipping"] == 0.5
     assert ds["scheduler"]["params"]["total_num_steps"] == cfg.train.max_steps

@@ -87,11 +87,14 @@ def test_two_process_run_writes_checkpoints_and_tensorboard(reference):
     scalars = set(ea.Tags()["scalars"])
     for tag in ["train/loss", "train/rec", "train/kl", "train/beta", "train/lr", "train/grad_norm",
                 "train/tokens_per_s", "train/samples_per_s", "train/kl_floor",
+                "train/tokens_per_s_per_device", "train/mfu",
                 "train/kl_per_segment/00", "train/nonfinite_total", "train/bad_samples",
                 "val/loss", "val/kl", "val/ppl_bound", "val/kl_floor", "val/kl_per_segment/00",
                 "val/distinct_2", "val/self_bleu_4", "val/sample_len_mean"]:
         assert tag in scalars, tag
     assert not any(t.startswith("val/val_") or "kl_floor_per_segment" in t for t in scalars)  # one name each
+    mfu = [e.value for e in ea.Scalars("train/mfu")]
+    assert all(0 < m < 1 for m in mfu), mfu  # a fraction of the CPU's probed peak
     assert {"samples/text_summary", "config/text_summary"} <= set(ea.Tags()["tensors"])
     assert "hparams/val_loss" in scalars  # the resolved config as hparams, with the final val metrics
     from tensorboard.plugins.hparams import plugin_data_pb2

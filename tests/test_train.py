@@ -37,7 +37,7 @@ def _train_stages(data, root, ds_config):
     common = ["train.max_steps=4", "train.samples_to_log=1", "checkpoint.interval=2", f"deepspeed_config={ds_config}"]
     for stage in (0, 1, 2, 3):
         _train(data, root / f"z{stage}", [f"zero.stage={stage}", *common])
-    _train(data, root / "z2offload", ["zero.stage=2", "zero.offload_optimizer=true", *common])
+    _train(data, root / "z2offload", ["zero.stage=2", "zero.offload_optimizer=true", "train.adam=torch", *common])
     resumed = root / "z3resumed"
     if int(os.environ["RANK"]) == 0:
         shutil.copytree(root / "z3", resumed)

@@ -46,12 +46,19 @@ class TrainConfig(_Section):
     warmup_steps: Optional[int] = Field(None, ge=0, description="LR warm-up (default: ds_config.json)")
     weight_decay: Optional[float] = Field(None, ge=0.0)
     gradient_clipping: float = Field(1.0, ge=0.0, description="global-norm clip; 0 disables")
+    adam: Literal["auto", "torch", "deepspeed"] = Field(
+        "auto", description="AdamW kernel: 'deepspeed' = FusedAdam on the GPU, DeepSpeedCPUAdam under "
+                            "zero.offload_optimizer; 'torch' = torch.optim.AdamW; 'auto' = deepspeed on CUDA or "
+                            "with offload, else torch")
     log_interval: int = Field(10, ge=1)
     eval_interval: int = Field(100, ge=1, description="validate every N steps (and at the end)")
     eval_batches: int = Field(8, ge=1, description="validation micro-batches per rank")
     samples_to_log: int = Field(4, ge=0, description="generated samples logged at each validation")
     max_nonfinite_in_row: int = Field(5, ge=1, description="stop after this many non-finite steps in a row")
     progress: bool = True
+    compile: bool = Field(False, description="torch.compile the model under the DeepSpeed engine (inductor)")
+    peak_tflops: Optional[float] = Field(None, gt=0.0, description="peak TFLOP/s of one device for train/mfu "
+                                                                   "(default: the datasheet table, else a probe)")
     fault_nonfinite_at: list[int] = Field(default_factory=list,
                                           description="fault injection: micro-batch positions whose loss is "
                                                       "made NaN (exercises the non-finite guard)")
@@ -160,6 +167,7 @@ class TraceConfig(_Section):
         ds.setdefault("bf16", {})["enabled"] = self.precision == "bf16"
         ds.setdefault("fp16", {})["enabled"] = self.precision == "fp16"
         opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})
+        opt["torch_adam"] = self.adam_impl() == "torch"   # DeepSpeed's own kernel otherwise (see adam_impl)
         if self.train.lr is not None:
             opt["lr"] = self.train.lr
         if self.train.weight_decay is not None:
@@ -189,6 +197,16 @@ class TraceConfig(_Section):
         if isinstance(self.deepspeed_config, str):
             raw["deepspeed_config"] = _load_json(resolve_path(self.deepspeed_config))
         return build_config(raw)
+
+    def adam_impl(self) -> str:
+        """'torch' or 'deepspeed' for train.adam. DeepSpeed's AdamW is FusedAdam where the step runs
+        on the GPU and DeepSpeedCPUAdam (JIT-built, ~80 s the first time on 2 cores) where ZeRO
+        offloads it to the CPU; 'auto' takes it wherever it beats torch's AdamW (CUDA, offload)."""
+        if self.train.adam != "auto":
+            return self.train.adam
+        import torch  # here, so that validating a config never pays for importing torch
+
+        return "deepspeed" if self.zero.offload_optimizer or torch.cuda.is_available() else "torch"
 
     def flat(self) -> dict[str, Any]:
         """{'model.n_layer': 4, ...}: every leaf under its dotted key (the override syntax)."""

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from trace_dist import checkpoint, safe_load
+from trace_dist.compile import compile_engine
 from trace_dist.config import TraceConfig
 from trace_dist.distributed import DistInfo
 
@@ -43,6 +44,8 @@ def build_engine(cfg: TraceConfig, dist: DistInfo, vocab, log: Callable[[str], N
             load_tag = checkpoint.to_universal(save_dir, load_tag, dist.is_main)
             ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    if cfg.train.compile:  # after initialize, so that ZeRO's hooks are traced (trace_dist/compile.py)
+        compile_engine(engine)
     state = fresh_state()
     if resume is not None:
         _, client = engine.load_checkpoint(str(save_dir), tag=load_tag)

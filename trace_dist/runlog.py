@@ -93,7 +93,7 @@ class RunLog:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{record['loss']:.3f}", kl=f"{record['kl']:.2f}",
-                                 tok_s=f"{record['tokens_per_s']:.0f}")
+                                 tok_s=f"{record['tokens_per_s']:.0f}", mfu=f"{record['mfu']:.1%}")
         if self.on_step is not None and self.enabled:
             self.on_step(record)
 

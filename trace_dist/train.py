@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
-from trace_dist import checkpoint
+from trace_dist import checkpoint, mfu
 from trace_dist.config import TraceConfig, load_config
 from trace_dist.data import tokens_by_source
 from trace_dist.distributed import DistInfo, accumulate, all_reduce_named, all_reduce_sum, init_distributed
@@ -84,6 +84,10 @@ class Trainer:
             self.sources = [s.name for s in cfg.data.sources()]
             self.tokenizer, self.vocab = load_tokenizer(cfg.data.path)
             self.engine, self.state = build_engine(cfg, self.dist, self.vocab, log=printer(self.dist.is_main))
+            self.flops_per_token = self.engine.module.flops_per_token()
+            precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
+            self.peak = mfu.device_peak(self.dist.device, precision,
+                                        configured=cfg.train.peak_tflops and cfg.train.peak_tflops * 1e12)
             self.log = RunLog(cfg, self.dist.is_main, start_step=self.state["step"], on_step=on_step)
             self.log.config(self.state["step"])
             self.validate = Validator(cfg, self.engine, self.dist, self.vocab, self.tokenizer)
@@ -201,6 +205,7 @@ class Trainer:
 
     def _train_record(self, s: dict[str, torch.Tensor], beta: float, out, seconds: float) -> dict:
         tokens, examples = max(s["tokens"].item(), 1.0), max(s["examples"].item(), 1.0)
+        per_device = s["tokens"].item() / seconds / self.dist.world_size
         record = {
             "step": self.state["step"],
             "loss": s["loss"].item() / max(s["micro_batches"].item(), 1.0),
@@ -211,6 +216,8 @@ class Trainer:
             "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
             "tokens": self.state["tokens"],
             "tokens_per_s": s["tokens"].item() / seconds,
+            "tokens_per_s_per_device": per_device,
+            "mfu": mfu.mfu(per_device, self.flops_per_token, self.peak),
             "samples_per_s": s["examples"].item() / seconds,
             "kl_floor": float(out.kl_floor),  # per segment, nats
             "nonfinite_total": self.state["nonfinite_total"],

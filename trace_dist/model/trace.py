@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trace_dist.model.config import GenerationConfig
-from trace_dist.model.blocks import LayerCache, Stack, init_weights
+from trace_dist.model.blocks import AttentionMask, LayerCache, Stack, init_weights
 from trace_dist.model.config import ModelConfig
 from trace_dist.model.latent import Latent, LatentSample
 from trace_dist.vocab import Vocab
@@ -37,30 +37,41 @@ class TraceOutput:
 
 
 # ---------------------------------------------------------------------------- masks (True = attend)
-def decoder_mask(seg_ids: torch.Tensor, key_valid: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """seg_ids [B, Tq] (segment of the token each query predicts, -1: none), key_valid [B, L] for
-    the L keys so far (the queries are the last Tq of them) -> [B, 1, Tq, num_slots + L].
-    Causal over tokens; a query reads only the memory slot of its own segment."""
+def decoder_mask(seg_ids: torch.Tensor, key_valid: Optional[torch.Tensor], num_keys: int,
+                 num_slots: int) -> AttentionMask:
+    """seg_ids [B, Tq] (segment of the token each query predicts, -1: none); the queries are the last
+    Tq of num_keys token keys, of which key_valid [B, num_keys] are real (None: all) -> a mask over
+    num_slots + num_keys keys. Causal over tokens; a query reads only the memory slot of its own segment.
+    Without slots and padding this is plain causal attention (or, for one query, attention to all)."""
     B, Tq = seg_ids.shape
-    L = key_valid.shape[1]
-    q_pos = torch.arange(L - Tq, L, device=seg_ids.device)
-    k_pos = torch.arange(L, device=seg_ids.device)
-    tokens = (k_pos[None, :] <= q_pos[:, None])[None] & key_valid[:, None, :]   # [B, Tq, L]
-    tokens = tokens | (k_pos[None, :] == q_pos[:, None])[None]                  # self: no empty rows
-    slots = seg_ids[:, :, None] == torch.arange(num_slots, device=seg_ids.device)  # [B, Tq, M]
-    return torch.cat([slots, tokens], dim=2)[:, None]
+    M, offset = num_slots, num_keys - Tq
+
+    def mask_mod(b, h, q, kv):
+        j, q_pos = kv - M, q + offset                               # token key index, query position
+        real = True if key_valid is None else key_valid[b, j.clamp_min(0)]
+        token = (j >= 0) & (((j <= q_pos) & real) | (j == q_pos))    # self always: no empty rows
+        return token | ((kv < M) & (seg_ids[b, q] == kv))
+
+    kind = "structured"
+    if M == 0 and (key_valid is None or bool(key_valid.all())):
+        kind = "causal" if Tq == num_keys else "all" if Tq == 1 else "structured"
+    return AttentionMask(kind, mask_mod, B, Tq, M + num_keys, seg_ids.device)
 
 
-def encoder_mask(seg_ids: torch.Tensor, prompt_mask: torch.Tensor, scope: str) -> torch.Tensor:
-    """[B, T] -> [B, 1, T, T]. Target tokens see the prompt plus segments <= their own
+def encoder_mask(seg_ids: torch.Tensor, prompt_mask: torch.Tensor, scope: str) -> AttentionMask:
+    """[B, T] -> a [T, T] mask per example. Target tokens see the prompt plus segments <= their own
     ('segment_causal') or all segments ('bidirectional'); prompt tokens see the prompt only, so g(prompt)
     is computable at generation time; pad tokens see themselves only."""
-    qs, ks = seg_ids[:, :, None], seg_ids[:, None, :]
-    target_q = qs >= 0
-    see_target = (ks >= 0) & ((ks <= qs) if scope == "segment_causal" else True)
-    allowed = (prompt_mask[:, None, :] & (target_q | prompt_mask[:, :, None])) | (target_q & see_target)
-    eye = torch.eye(seg_ids.shape[1], dtype=torch.bool, device=seg_ids.device)
-    return (allowed | eye)[:, None]
+    B, T = seg_ids.shape
+
+    def mask_mod(b, h, q, kv):
+        qs, ks = seg_ids[b, q], seg_ids[b, kv]
+        target_q = qs >= 0
+        see_target = (ks >= 0) & ((ks <= qs) if scope == "segment_causal" else True)
+        allowed = (prompt_mask[b, kv] & (target_q | prompt_mask[b, q])) | (target_q & see_target)
+        return allowed | (q == kv)
+
+    return AttentionMask("structured", mask_mod, B, T, T, seg_ids.device)
 
 
 # ---------------------------------------------------------------------------- pooling
@@ -212,10 +223,8 @@ class TRACE(nn.Module):
             emb = self.injection.token_embedding(z, seg_ids)
             x = x if emb is None else x + emb
             memory = self.injection.slots(z)
-        if key_valid is None:
-            past = 0 if caches is None or caches[0].k is None else caches[0].k.shape[2]
-            key_valid = torch.ones(inp.shape[0], past + inp.shape[1], dtype=torch.bool, device=inp.device)
-        mask = decoder_mask(seg_ids, key_valid, 0 if memory is None else memory.shape[1])
+        past = 0 if caches is None or caches[0].k is None else caches[0].k.shape[2]
+        mask = decoder_mask(seg_ids, key_valid, past + inp.shape[1], 0 if memory is None else memory.shape[1])
         x = self.decoder(self.drop(x), mask, memory, caches)
         return self.wte(x, unembed=True)                                       # tied LM head
 

@@ -1,0 +1,21 @@
+"""train.adam: which AdamW kernel DeepSpeed is told to build (TraceConfig.adam_impl)."""
+
+import pytest
+import torch
+
+from trace_dist.config import load_config
+
+
+@pytest.mark.parametrize("adam, offload, cuda, torch_adam", [
+    ("auto", False, False, True),      # CPU, no offload: torch AdamW (the stage-equivalence tests rely on it)
+    ("auto", True, False, False),      # offloaded step: DeepSpeedCPUAdam
+    ("auto", False, True, False),      # CUDA: FusedAdam
+    ("torch", True, True, True),       # an explicit choice always wins
+    ("deepspeed", False, False, False),
+])
+def test_adam_selection(adam, offload, cuda, torch_adam, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    cfg = load_config(["configs/tiny.yaml"], [f"train.adam={adam}", f"zero.offload_optimizer={str(offload).lower()}"])
+    ds = cfg.deepspeed_config_dict(world_size=1)
+    assert ds["optimizer"]["params"]["torch_adam"] is torch_adam
+    assert cfg.adam_impl() == ("torch" if torch_adam else "deepspeed")
