@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from trace_dist.evaluate import prior_chunk, seeded_generator, text_of
+from trace_dist.sampling import prior_chunk, seeded_generator, text_of
 
 
 def posterior_mean(model, text: str, tokenizer, cfg, vocab, device) -> torch.Tensor:
