@@ -34,6 +34,7 @@ QUICK_ARGS = {
     "bench_self_bleu.py": ["--n", "150", "--big", "500"],
     "trainer_overhead.py": ["--quick"],
     "compute_efficiency.py": ["--quick"],
+    "eval_throughput.py": ["--quick"],
 }
 # Arguments in both modes. paper_claims.py is a study of many training runs (hours) whose own output
 # lives in docs/; here it runs only at its smoke size, writing into a temporary directory.
@@ -48,6 +49,8 @@ GOALS = {
     ("trainer_overhead.py", "train_over_bare_ratio"): (">=", 0.95),
     ("zero_memory.py", "zero3_over_zero0_bytes"): ("<=", 0.55),
     ("compute_efficiency.py", "mfu_pct"): (">=", 40.0),
+    ("eval_throughput.py", "eval_over_train_token_ratio"): (">=", 2.0),
+    ("eval_throughput.py", "eval_seconds"): ("<=", 10.0),
 }
 
 # Why a goal is missed, where the reason is known and lies outside the benchmark (shown only when missed).

@@ -1,7 +1,7 @@
 """`trace-dist eval`: likelihood, latent and generation metrics of a checkpoint (docs/eval.md).
 
     trace-dist eval --checkpoint RUN_OR_EXPORT --data DIR [--split test] [--iw-samples 30]
-                    [--num-samples 1000] [--token-budget 16384] [--max-documents N] [--seed S]
+                    [--num-samples 1000] [--token-budget 8192] [--max-documents N] [--seed S]
                     [--output metrics.json] [--config extra.yaml] [k=v ...]
 
 Runs alone, under torchrun or under the `deepspeed` launcher (no engine: every rank loads the
@@ -40,7 +40,7 @@ from trace_dist.distributed import all_reduce_named
 from trace_dist.errors import UserError
 from trace_dist.sampling import prior_chunk, seeded_generator, stable_seed, text_of
 
-TOKEN_BUDGET = 16384   # decoder tokens per likelihood batch (documents x importance samples x length)
+TOKEN_BUDGET = 8192    # decoder tokens per likelihood batch (documents x importance samples x length)
 
 
 # ------------------------------------------------------------------------------ documents
