@@ -274,3 +274,12 @@ def test_conditional_eval_and_prompt_generation(tmp_path, single_process_env):
                           "--max-new-tokens", "8", "--output", str(out)]) == 0
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in got] == ["The cat watched"] * 2
+
+
+def test_bad_batch_flags_end_in_one_line(capsys):
+    from trace_dist import cli
+
+    for flag in ("--token-budget", "--max-documents"):
+        assert cli.main(["eval", "--checkpoint", "nowhere", flag, "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"trace-dist eval: {flag} must be at least 1, got 0", err
