@@ -367,7 +367,9 @@ def evaluate(args, extra: list[str]) -> Optional[dict]:
     }
     out = Path(args.output) if args.output else run_dir_of(args.checkpoint) / f"eval_{split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    partial = out.with_name(out.name + ".partial")                          # a complete file replaces the old one
+    partial.write_text(json.dumps(report, indent=1))
+    partial.replace(out)
     if cfg.tensorboard:
         from trace_dist.tblog import TensorBoard
 
