@@ -9,8 +9,10 @@ In one process, at `--threads` intra-op threads (2: the issue's measurement):
      the trained weights are exported (a few steps make the zero-initialised latent injection
      non-zero, so the decoder reads z);
   3. the likelihood pass over the test split at `--iw-samples` (10): batched (`evaluate.likelihood_pass`,
-     default token budget) and batch-1 (tests/eval_reference.py: each document alone, the path
-     before batching), alternating, `--repeats` each, the fastest of each kept (the box is shared):
+     default token budget) and batch-1 (tests/eval_reference.py: each document alone, as before
+     batching; but `log_weights` now decodes a document's S samples together, which the code before
+     did one by one, so batch-1 here is already faster than that code), alternating, `--repeats`
+     each, the fastest of each kept (the box is shared):
         eval_iw_token_forwards_per_s = predicted tokens x S / wall time of the batched pass;
      both must give the same figures (checked: `same_figures`);
   4. the whole `trace-dist eval` in this process (`--iw-samples 10 --num-samples 100`, generation

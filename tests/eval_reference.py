@@ -3,7 +3,9 @@ batched evaluation must reproduce (tests/test_evaluate.py) and the "batch-1" sid
 benchmarks/eval_throughput.py.
 
 Each document runs alone (a batch of one, trimmed to its length) and the model draws its own noise
-from the global RNG, seeded by (seed, content hash) before each document; nothing is padded.
+from the global RNG, seeded by (seed, content hash) before each document; nothing is padded. (The
+model's `log_weights` now decodes the S samples as one batch; it draws them in the order the former
+sample-by-sample loop did, so the numbers are those of the code before batching.)
 """
 
 from __future__ import annotations
