@@ -38,6 +38,7 @@ QUICK_ARGS = {
     "bench_self_bleu.py": ["--n", "150", "--big", "500"],
     "trainer_overhead.py": ["--quick"],
     "compute_efficiency.py": ["--quick"],
+    "eval_throughput.py": ["--quick"],
 }
 # Arguments in both modes. paper_claims.py is a study of many training runs (hours) whose own output
 # lives in docs/; here it runs only at its smoke size, writing into a temporary directory.
@@ -56,6 +57,8 @@ GOALS = {
     ("zero_memory.py --precision bf16", "zero3_over_zero0_bytes_bf16"): ("<=", 0.55),
     ("optimizer_step.py", "cpu_adam_over_torch_adam"): ("<=", 0.5),
     ("compile_step.py", "compile_over_eager_step_ratio"): ("<=", 0.9),
+    ("eval_throughput.py", "eval_over_train_token_ratio"): (">=", 2.0),
+    ("eval_throughput.py", "eval_seconds"): ("<=", 10.0),
 }
 
 # Why a goal is missed, where the reason is known and lies outside the benchmark (shown only when missed).

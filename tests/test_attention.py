@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_batches import VOCAB, build, random_batch
+from model_batches import build, random_batch
 from trace_dist.model import blocks
 from trace_dist.model.trace import decoder_mask, encoder_mask
 

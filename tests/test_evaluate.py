@@ -7,34 +7,46 @@ import pytest
 import torch
 
 from trace_dist import evaluate
+from trace_dist.errors import UserError
 
 TINY = "configs/tiny.yaml"
 
 
+def coupled_model(cfg, vocab):
+    """An untrained TRACE whose decoder reads z: the latent injection starts at zero (the model
+    starts as the plain LM), which would make every test of the latent path pass vacuously."""
+    from trace_dist.model import TRACE
+
+    torch.manual_seed(0)
+    model = TRACE(cfg.model, vocab)
+    for p in model.injection.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    return model
+
+
 @pytest.fixture(scope="module")
 def tiny_export(tiny_data, tmp_path_factory):
-    """An export directory (model.safetensors + config.yaml + tokenizer.json) of an untrained tiny model."""
+    """An export directory (model.safetensors + config.yaml + tokenizer.json) of an untrained tiny
+    model whose decoder depends on z."""
     from safetensors.torch import save_model
 
     from trace_dist.config import load_config
     from trace_dist.data import load_tokenizer
-    from trace_dist.model import TRACE
 
     out = tmp_path_factory.mktemp("export")
     cfg = load_config([TINY], [f"data.path={tiny_data}", f"train.output_dir={out}"])
     tokenizer, vocab = load_tokenizer(tiny_data)
-    torch.manual_seed(0)
-    save_model(TRACE(cfg.model, vocab), str(out / "model.safetensors"))
+    save_model(coupled_model(cfg, vocab), str(out / "model.safetensors"))
     (out / "config.yaml").write_text(cfg.to_yaml())
     tokenizer.save(str(out / "tokenizer.json"))
     return out
 
 
-def _likelihood(export, overrides=(), seed=1):
+def _likelihood(export, overrides=(), seed=1, **kw):
     from trace_dist.checkpoint import load_for_inference
 
     model, cfg, _, vocab = load_for_inference(export, list(overrides))
-    return evaluate.likelihood_metrics(model, cfg, vocab, "test", iw_samples=3, seed=seed, device="cpu")[0]
+    return evaluate.likelihood_metrics(model, cfg, vocab, "test", iw_samples=3, seed=seed, device="cpu", **kw)[0]
 
 
 def test_likelihood_and_latent_metrics(tiny_export):
@@ -63,6 +75,75 @@ def test_mi_noise_is_per_document_and_independent_of_the_other_documents():
     assert not torch.equal(evaluate.mi_noise(keys, seed=2, shape=(2, 4)), eps)
 
 
+def assert_same_figures(got: dict, expected: dict, rel: float = 1e-6) -> None:
+    """Equal metric dicts: integers exactly, floats (and lists of them) to `rel` (MI, a difference
+    of nearly equal terms that can be near 0, also to 1e-6 absolute)."""
+    assert got.keys() == expected.keys()
+    for k, v in expected.items():
+        if isinstance(v, float) or (isinstance(v, list) and v and isinstance(v[0], float)):
+            assert got[k] == pytest.approx(v, rel=rel, abs=1e-6 if k.startswith("mi") else 0), k
+        else:
+            assert got[k] == v, k
+
+
+def _test_documents(model, cfg, vocab):
+    from trace_dist.data import eval_loader
+
+    return [ex for b in eval_loader(cfg.data, vocab, "test", 4, 0, 1) for ex in evaluate.single_examples(b)]
+
+
+def _figures(model, cfg, sums, rows, seed=1):
+    return evaluate.finish_likelihood(sums, sorted(rows, key=lambda r: r["key"]), model.latent.kl_floor,
+                                      cfg.eval.au_delta, seed)
+
+
+def test_batched_likelihood_equals_the_batch1_reference(tiny_export):
+    """Any token budget gives the figures of the former batch-1 path (tests/eval_reference.py): budget
+    1 (every document is over it, so each runs alone), a few documents per batch, the whole split in
+    one batch (documents of different lengths padded together)."""
+    from eval_reference import likelihood_pass_batch1
+
+    from trace_dist.checkpoint import load_for_inference
+
+    model, cfg, _, vocab = load_for_inference(tiny_export)
+    examples = _test_documents(model, cfg, vocab)
+    lengths = [ex["tokens"].shape[1] for ex in examples]
+    assert len(set(lengths)) > 3
+    reference = _figures(model, cfg, *likelihood_pass_batch1(model, examples, 3, 1, "cpu"))
+    for budget, num_batches in ((1, len(examples)), (3 * 5 * max(lengths), None), (10 ** 9, 1)):
+        batches = evaluate.length_batches(lengths, 3, budget)
+        assert sorted(i for b in batches for i in b) == list(range(len(examples)))
+        assert num_batches is None or len(batches) == num_batches
+        assert all(len(b) * 3 * max(lengths[i] for i in b) <= budget for b in batches if len(b) > 1)
+        got = _figures(model, cfg, *evaluate.likelihood_pass(model, examples, 3, 1, "cpu", budget, progress=False))
+        assert_same_figures(got, reference)
+
+
+def test_max_documents_takes_the_first_documents_by_content_hash(tiny_export):
+    from trace_dist.checkpoint import load_for_inference
+
+    model, cfg, _, vocab = load_for_inference(tiny_export)
+    examples = sorted(_test_documents(model, cfg, vocab), key=evaluate.example_key)[:5]
+    expected = _figures(model, cfg, *evaluate.likelihood_pass(model, examples, 3, 1, "cpu", 1, progress=False))
+    got = _likelihood(tiny_export, max_documents=5)
+    assert got["num_examples"] == 5
+    assert_same_figures(got, expected)
+
+
+def test_log_weights_decodes_the_importance_samples_as_one_batch(tiny_export):
+    """log_weights with S samples in one batch = S calls with one sample each, for the same noise."""
+    from trace_dist.checkpoint import load_for_inference
+
+    model, cfg, _, vocab = load_for_inference(tiny_export)
+    batch = evaluate.collate(_test_documents(model, cfg, vocab)[:3], vocab.pad)
+    eps = torch.randn(3, 4, int(batch["num_segments"].max()), cfg.model.latent_size,
+                      generator=torch.Generator().manual_seed(0))
+    together = model.log_weights(batch, 4, eps=eps)
+    apart = torch.cat([model.log_weights(batch, 1, eps=eps[:, s:s + 1]) for s in range(4)], dim=1)
+    torch.testing.assert_close(together, apart, rtol=1e-6, atol=1e-5)
+    assert (together[:, 0] - together[:, 1]).abs().min() > 1e-3           # the noise (and z) matter
+
+
 def test_parallel_and_sequential_latent_paths_agree(tiny_export):
     parallel = _likelihood(tiny_export, ["model.latent_path=parallel"])
     sequential = _likelihood(tiny_export, ["model.latent_path=sequential"])
@@ -86,23 +167,25 @@ def single_process_env(monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_rank(tiny_export, tmp_path, single_process_env):
-    pytest.importorskip("trace_dist.model.generation")
+def test_batch_size_budget_and_rank_count_do_not_change_the_figures(tiny_export, tmp_path, single_process_env):
+    """One rank with every document alone (budget 1), one rank with the whole split in one batch, two
+    ranks at the default budget: the same JSON figures and samples."""
     from dist_utils import run_ranks
 
-    assert _eval_cli(tiny_export, tmp_path / "one.json") == 0
+    assert _eval_cli(tiny_export, tmp_path / "alone.json", "--token-budget", "1") == 0
+    assert _eval_cli(tiny_export, tmp_path / "big.json", "--token-budget", "1000000000") == 0
     assert run_ranks(_eval_cli, 2, str(tiny_export), str(tmp_path / "two.json"), tmp_path=tmp_path,
                      timeout=300) == [0, 0]
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
-    assert (one["world_size"], two["world_size"]) == (1, 2)
-    assert two["samples"] == one["samples"]
-    for k, v in one["metrics"].items():             # only the float64 summation order differs
-        assert two["metrics"][k] == (pytest.approx(v, rel=1e-9) if isinstance(v, float) else v), k
+    alone, big, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("alone", "big", "two"))
+    assert (alone["world_size"], big["world_size"], two["world_size"]) == (1, 1, 2)
+    assert alone["batching"]["token_budget"] == 1 and two["batching"]["token_budget"] == evaluate.TOKEN_BUDGET
+    for other in (big, two):
+        assert other["samples"] == alone["samples"]
+        assert_same_figures(other["metrics"], alone["metrics"])
 
 
-# ------------------------------------------------------------------ generation (needs model.generation)
+# ------------------------------------------------------------------ generation
 def test_eval_cli_end_to_end(tiny_export, tmp_path, single_process_env):
-    pytest.importorskip("trace_dist.model.generation")
     out = tmp_path / "metrics.json"
     assert _eval_cli(tiny_export, out) == 0
     report = json.loads(out.read_text())
@@ -117,7 +200,6 @@ def test_eval_cli_end_to_end(tiny_export, tmp_path, single_process_env):
 
 
 def test_generate_cli_modes_reproducible(tiny_export, tmp_path):
-    pytest.importorskip("trace_dist.model.generation")
     from trace_dist import generate
 
     def run(name, *args):
@@ -153,7 +235,7 @@ def test_posterior_mean_of_a_raw_text_equals_the_prepared_document(tiny_export, 
     assert tokens[tokens > vocab.sep].tolist() == record.ids.tolist() and len(record.bounds) > 1   # the same document
     expected = model.posterior(ex)["mean"][0, : len(record.bounds)]
     assert torch.equal(posterior_mean(model, record.text, tokenizer, cfg, vocab, "cpu"), expected)
-    with pytest.raises(SystemExit, match="special-token"):
+    with pytest.raises(UserError, match="special-token"):
         posterior_mean(model, "The cat <|eos|> sat.", tokenizer, cfg, vocab, "cpu")
     z = interpolation(torch.zeros(3, 2), torch.ones(2, 2), steps=3)
     assert z.shape == (3, 2, 2) and torch.equal(z[1], torch.full((2, 2), 0.5))
@@ -161,7 +243,6 @@ def test_posterior_mean_of_a_raw_text_equals_the_prepared_document(tiny_export, 
 
 def test_conditional_eval_and_prompt_generation(tmp_path, single_process_env):
     """Prompt -> story data: eval continues each test prompt (BLEU against its own reference)."""
-    pytest.importorskip("trace_dist.model.generation")
     from safetensors.torch import save_model
 
     from conftest import tiny_corpus
@@ -194,3 +275,12 @@ def test_conditional_eval_and_prompt_generation(tmp_path, single_process_env):
                           "--max-new-tokens", "8", "--output", str(out)]) == 0
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in got] == ["The cat watched"] * 2
+
+
+def test_bad_batch_flags_end_in_one_line(capsys):
+    from trace_dist import cli
+
+    for flag in ("--token-budget", "--max-documents"):
+        assert cli.main(["eval", "--checkpoint", "nowhere", flag, "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"trace-dist eval: {flag} must be at least 1, got 0", err

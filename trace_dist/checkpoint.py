@@ -13,6 +13,7 @@ Resuming on a different number of ranks goes through DeepSpeed's universal check
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys

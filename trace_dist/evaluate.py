@@ -1,17 +1,24 @@
 """`trace-dist eval`: likelihood, latent and generation metrics of a checkpoint (docs/eval.md).
 
     trace-dist eval --checkpoint RUN_OR_EXPORT --data DIR [--split test] [--iw-samples 30]
-                    [--num-samples 1000] [--seed S] [--output metrics.json] [--config extra.yaml] [k=v ...]
+                    [--num-samples 1000] [--token-budget 8192] [--max-documents N] [--seed S]
+                    [--output metrics.json] [--config extra.yaml] [k=v ...]
 
 Runs alone, under torchrun or under the `deepspeed` launcher (no engine: every rank loads the
 consolidated model). Each rank evaluates its disjoint share of the split; sums are all-reduced in
-float64, posteriors all-gathered for MI; rank 0 writes the JSON and TensorBoard.
+float64, posteriors all-gathered for MI; rank 0 computes the text metrics and writes the JSON and
+TensorBoard.
 
-Rank-count independence: every random draw is seeded from (seed, the example's content) or
-(seed, the generation chunk's index), never from the rank, and each document is evaluated on
-its own (batch of one, trimmed to its length), so its numbers do not depend on which documents
-shared its batch. Same checkpoint + data + seed -> the same metrics on 1 or N ranks (up to the
-float64 summation order).
+Batching: a rank's documents are sorted by length and packed into batches of at most
+`--token-budget` decoder tokens (documents x importance samples x the batch's longest document; a
+document over the budget runs alone); the S importance samples of a batch decode as one batch.
+
+Batch- and rank-count independence: each document's noise is drawn on the CPU from its own
+generator, seeded by (seed, its content hash), in a fixed order (the ELBO sample, then the S
+importance samples, each [K, d] for its K latents), and padding is masked. So a document's numbers
+do not depend on its batch, the budget, the rank count or the device, up to float rounding of the
+batched matmuls (~1e-7 relative); the draws are exactly those of evaluating it alone on the CPU with
+`torch.manual_seed` of the same seed (tests/eval_reference.py, the former batch-1 path).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import hashlib
 import json
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -29,16 +36,14 @@ import torch
 import torch.distributed as dist
 
 from trace_dist import metrics
+from trace_dist.distributed import all_reduce_named
+from trace_dist.errors import UserError
+from trace_dist.sampling import prior_chunk, seeded_generator, stable_seed, text_of
+
+TOKEN_BUDGET = 8192    # decoder tokens per likelihood batch (documents x importance samples x length)
 
 
-
-# ------------------------------------------------------------------------------ seeding
-def stable_seed(*parts) -> int:
-    """A 63-bit seed from any printable parts, identical on every rank and platform."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2 ** 63 - 1)
-
-
+# ------------------------------------------------------------------------------ documents
 def example_key(ex: dict[str, torch.Tensor]) -> int:
     """Content hash of one trimmed example (its tokens and segmentation)."""
     h = hashlib.blake2b(digest_size=8)
@@ -57,21 +62,51 @@ def single_examples(batch: dict[str, torch.Tensor]):
         yield ex
 
 
-def seeded_generator(device, *parts) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(stable_seed(*parts))
+def first_documents(keys: list[int], limit: int) -> list[int]:
+    """Indices of this rank's documents among the `limit` smallest content hashes of all ranks: the
+    same documents (equal copies aside) whatever the rank count."""
+    rank, _ = _world()
+    tagged = all_gather_list([(key, rank, i) for i, key in enumerate(keys)])
+    return sorted(i for _, r, i in sorted(tagged)[:limit] if r == rank)
 
 
-def prior_chunk(model, start: int, count: int, seed: int, gen, device, segment: str,
-                latent_path: Optional[str] = None) -> list[list[int]]:
-    """Samples start..start+count-1 from the prior, seeded by (seed, start): the same texts
-    whichever rank or process draws the chunk."""
-    return model.generate(num=count, gen=gen, generator=seeded_generator(device, seed, "generate", start),
-                          segment=segment, latent_path=latent_path)
+def length_batches(lengths: list[int], samples: int, budget: int) -> list[list[int]]:
+    """Indices grouped by ascending length so that documents x samples x longest <= budget (a
+    document over the budget alone). Sorting keeps padding small."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if batches and (len(batches[-1]) + 1) * samples * lengths[i] <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
-# ------------------------------------------------------------------------------ text
-def text_of(tokenizer, ids: list[int]) -> str:
-    return tokenizer.decode(ids, skip_special_tokens=True)
+def collate(examples: list[dict], pad: int) -> dict[str, torch.Tensor]:
+    """Trimmed batches of one -> one batch right-padded to the longest (pad tokens are masked out)."""
+    T = max(ex["tokens"].shape[1] for ex in examples)
+    fill = {"tokens": pad, "seg_ids": -1, "loss_mask": False, "prompt_mask": False}
+
+    def padded(ex, k):                                                      # [1, n] -> [1, T]
+        return torch.nn.functional.pad(ex[k], (0, T - ex[k].shape[1]), value=fill[k])
+    batch = {k: torch.cat([padded(ex, k) for ex in examples]) for k in fill}
+    batch.update({k: torch.cat([ex[k] for ex in examples]) for k in ("num_segments", "example_mask")})
+    return batch
+
+
+def document_noise(seed: int, key: int, num_latents: int, latent_size: int, iw_samples: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One document's noise: the ELBO sample [K, d], then the importance samples [S, K, d], drawn in
+    that order on the CPU from a generator seeded by (seed, content hash)."""
+    g = seeded_generator("cpu", seed, "likelihood", key)
+    shape = (num_latents, latent_size)
+    elbo = torch.randn(shape, generator=g)
+    return elbo, torch.stack([torch.randn(shape, generator=g) for _ in range(iw_samples)])
+
+
+def _pad_latents(x: torch.Tensor, K: int) -> torch.Tensor:
+    """[..., k, d] -> [..., K, d], zeros for the latents a document does not have (never read)."""
+    return torch.nn.functional.pad(x, (0, 0, 0, K - x.shape[-2]))
 
 
 # ------------------------------------------------------------------------------ collectives
@@ -90,63 +125,81 @@ def all_gather_list(items: list) -> list:
     return [x for part in gathered for x in part]
 
 
-def all_reduce_dict(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from trace_dist.distributed import all_reduce_sum
-
-    return {k: all_reduce_sum(v.double()) for k, v in sums.items()}
-
-
 # ------------------------------------------------------------------------------ the passes
-class Accumulator:
-    """Per-rank float64 sums (all-reducible) plus per-example rows for MI and text metrics."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
-        self.rows: list[dict] = []   # key, innovation posteriors, prompt/reference ids
-        self.kl_floor = 0.0
-
-    def add(self, values: dict[str, torch.Tensor]) -> None:
-        for k, v in values.items():
-            self.sums[k] = self.sums[k] + v.detach().double().cpu()
+def empty_sums(model) -> dict[str, torch.Tensor]:
+    """Every named float64 sum, zero, so that a rank without documents joins the reduction."""
+    K, d = model.cfg.max_segments, model.cfg.latent_size
+    sums = {k: torch.zeros((), dtype=torch.float64) for k in ("rec", "kl", "log_px", "num_tokens", "num_examples")}
+    sums.update(kl_per_segment=torch.zeros(K, dtype=torch.float64), seg_count=torch.zeros(K, dtype=torch.float64))
+    if model.has_latent:
+        sums.update(au_count=torch.zeros(K, dtype=torch.float64), au_sum=torch.zeros(K, d, dtype=torch.float64),
+                    au_sumsq=torch.zeros(K, d, dtype=torch.float64))
+    return sums
 
 
 @torch.no_grad()
-def likelihood_pass(model, loader, iw_samples: int, seed: int, device, progress: bool) -> Accumulator:
-    """ELBO terms, IW log-likelihood, posterior statistics of every example this rank holds."""
+def likelihood_batch(model, examples: list[dict], keys: list[int], iw_samples: int, seed: int, device
+                     ) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """ELBO terms, IW log-likelihood and posterior statistics of a few trimmed documents, batched:
+    (named sums, one row per document)."""
+    batch = {k: v.to(device) for k, v in collate(examples, model.vocab.pad).items()}
+    rows = [{"key": key, "prompt": ex["tokens"][0][ex["prompt_mask"][0]].tolist(),
+             "text": ex["tokens"][0][ex["loss_mask"][0]].tolist()} for ex, key in zip(examples, keys)]
+    eps = eps_iw = None
+    values = {}
+    if model.has_latent:
+        post = {k: v.cpu() for k, v in model.posterior(batch).items()}     # [B, max_segments, d] / [B, max_segments]
+        values.update({f"au_{k}": v for k, v in metrics.au_stats(post["mean"], post["seg_mask"]).items()})
+        for i, row in enumerate(rows):
+            row.update(innov_mean=post["innov_mean"][i], innov_logvar=post["innov_logvar"][i],
+                       seg_mask=post["seg_mask"][i])
+        # each document's own noise for its own K latents, padded to the batch's K
+        num_latents = post["seg_mask"].sum(1).tolist()
+        K = max(num_latents)
+        noise = [document_noise(seed, key, k, model.cfg.latent_size, iw_samples) for key, k in zip(keys, num_latents)]
+        eps = torch.stack([_pad_latents(e, K) for e, _ in noise]).to(device)          # [B, K, d]
+        eps_iw = torch.stack([_pad_latents(e, K) for _, e in noise]).to(device)       # [B, S, K, d]
+    out = model(batch, eps=eps)
+    lw = model.log_weights(batch, iw_samples, eps=eps_iw)                           # [B, S]
+    values.update(rec=out.rec_sum, kl=out.kl_sum, kl_per_segment=out.kl_per_segment_sum, seg_count=out.seg_count,
+                  **metrics.iw_sums(lw.cpu(), batch["loss_mask"].sum(1).cpu()))
+    return {k: v.detach().cpu().double() for k, v in values.items()}, rows
+
+
+def likelihood_pass(model, examples: list[dict], iw_samples: int, seed: int, device, token_budget: int,
+                    progress: bool) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """This rank's documents in length-sorted batches -> (its named float64 sums, its rows)."""
     from tqdm import tqdm
 
-    acc = Accumulator()
-    acc.kl_floor = model.latent.kl_floor if model.has_latent else 0.0
-    for batch in tqdm(loader, desc="eval", disable=not progress, unit="batch"):
-        for ex in single_examples(batch):
-            key = example_key(ex)
-            ex = {k: v.to(device) for k, v in ex.items()}
-            torch.manual_seed(stable_seed(seed, "likelihood", key))
-            out = model(ex)
-            lw = model.log_weights(ex, iw_samples)                              # [1, S]
-            acc.add({"rec": out.rec_sum, "kl": out.kl_sum, "kl_per_segment": out.kl_per_segment_sum,
-                     "seg_count": out.seg_count, **metrics.iw_sums(lw.cpu(), ex["loss_mask"].sum(1).cpu())})
-            row = {"key": key, "prompt": ex["tokens"][0][ex["prompt_mask"][0]].tolist(),
-                   "text": ex["tokens"][0][ex["loss_mask"][0]].tolist()}
-            if model.has_latent:
-                post = {k: v.cpu() for k, v in model.posterior(ex).items()}
-                acc.add({f"au_{k}": v for k, v in metrics.au_stats(post["mean"], post["seg_mask"]).items()})
-                row.update(innov_mean=post["innov_mean"][0], innov_logvar=post["innov_logvar"][0],
-                           seg_mask=post["seg_mask"][0])
-            acc.rows.append(row)
-    return acc
+    keys = [example_key(ex) for ex in examples]
+    sums, rows = empty_sums(model), []
+    bar = tqdm(total=len(examples), desc="eval", unit="doc", disable=not progress)
+    for idx in length_batches([ex["tokens"].shape[1] for ex in examples], iw_samples, token_budget):
+        values, batch_rows = likelihood_batch(model, [examples[i] for i in idx], [keys[i] for i in idx],
+                                              iw_samples, seed, device)
+        sums = {k: v + values[k] for k, v in sums.items()}
+        rows += batch_rows
+        bar.update(len(idx))
+    bar.close()
+    return sums, rows
 
 
 def likelihood_metrics(model, cfg, vocab, split: str, iw_samples: int, seed: int, device,
+                       token_budget: int = TOKEN_BUDGET, max_documents: Optional[int] = None,
                        progress: bool = False) -> tuple[dict, list[dict]]:
-    """This rank's share of `split` -> (metrics over the whole split, this rank's example rows)."""
+    """This rank's share of `split` (of its first `max_documents` by content hash) -> (metrics over
+    the whole split, this rank's document rows)."""
     from trace_dist.data import eval_loader
 
     rank, world = _world()
     loader = eval_loader(cfg.data, vocab, split, cfg.eval.batch_size, rank, world, conditional=cfg.model.conditional)
-    acc = likelihood_pass(model, loader, iw_samples, seed, device, progress)
-    rows = sorted(all_gather_list(acc.rows), key=lambda r: r["key"])
-    return finish_likelihood(acc, rows, cfg.eval.au_delta, seed), acc.rows
+    examples = [ex for batch in loader for ex in single_examples(batch)]
+    if max_documents is not None:
+        examples = [examples[i] for i in first_documents([example_key(ex) for ex in examples], max_documents)]
+    sums, my_rows = likelihood_pass(model, examples, iw_samples, seed, device, token_budget, progress)
+    rows = sorted(all_gather_list(my_rows), key=lambda r: r["key"])
+    kl_floor = model.latent.kl_floor if model.has_latent else 0.0
+    return finish_likelihood(all_reduce_named(sums), rows, kl_floor, cfg.eval.au_delta, seed), my_rows
 
 
 def mi_noise(keys: list[int], seed: int, shape: tuple) -> torch.Tensor:
@@ -166,16 +219,16 @@ def mi_noise(keys: list[int], seed: int, shape: tuple) -> torch.Tensor:
     return torch.stack(out)
 
 
-def finish_likelihood(acc: Accumulator, rows: list[dict], delta: float, seed: int) -> dict:
-    """Reduced sums + gathered rows (sorted by key) -> the likelihood and latent metrics."""
-    s = all_reduce_dict(dict(acc.sums))
+def finish_likelihood(s: dict[str, torch.Tensor], rows: list[dict], kl_floor: float, delta: float,
+                      seed: int) -> dict:
+    """All-reduced sums + gathered rows (sorted by key) -> the likelihood and latent metrics."""
     n = float(s["num_examples"])
     out = metrics.iw_from_sums({k: s[k] for k in ("log_px", "num_tokens", "num_examples")})
     out.update(elbo=-(float(s["rec"]) + float(s["kl"])) / n, rec=float(s["rec"]) / n, kl=float(s["kl"]) / n)
     count = s["seg_count"]
     used = int((count > 0).sum())
     out["kl_per_segment"] = (s["kl_per_segment"][:used] / count[:used]).tolist()
-    out["kl_floor"] = acc.kl_floor
+    out["kl_floor"] = kl_floor
     if rows and "innov_mean" in rows[0]:
         out.update(metrics.active_units_from_stats({k: s[f"au_{k}"] for k in ("count", "sum", "sumsq")}, delta))
         K = max(used, 1)
@@ -192,10 +245,11 @@ def finish_likelihood(acc: Accumulator, rows: list[dict], delta: float, seed: in
 @torch.no_grad()
 def generation_pass(model, rows: list[dict], cfg, num_samples: int, seed: int, device, tokenizer,
                     progress: bool) -> dict:
-    """Unconditional: num_samples texts from the prior, in fixed chunks of eval.batch_size seeded by
-    chunk index and dealt to ranks round robin; BLEU against the first num_samples documents (by
+    """Unconditional: num_samples texts from the prior, in KV-cached chunks of eval.batch_size seeded
+    by chunk start and dealt to ranks round robin; BLEU against the first num_samples documents (by
     content hash). Conditional: one continuation of each of those documents' prompts, BLEU
-    against its own reference."""
+    against its own reference. Texts are gathered; rank 0 alone computes the text metrics (the
+    others return empty metrics)."""
     from tqdm import tqdm
 
     rank, world = _world()
@@ -203,7 +257,7 @@ def generation_pass(model, rows: list[dict], cfg, num_samples: int, seed: int, d
     mine = [r for r in rows if r["key"] in chosen]
     produced = []                                                           # (order, sample ids, reference ids)
     if model.cfg.conditional:
-        for r in tqdm(mine, desc="generate", disable=not progress):
+        for r in tqdm(mine, desc="generate", disable=not progress, unit="doc"):
             ids = model.generate(num=1, prompts=[r["prompt"]], gen=cfg.generation,
                                  generator=seeded_generator(device, seed, "generate", r["key"]),
                                  segment=cfg.data.segment)[0]
@@ -211,13 +265,19 @@ def generation_pass(model, rows: list[dict], cfg, num_samples: int, seed: int, d
     else:
         chunk = cfg.eval.batch_size
         starts = list(range(0, num_samples, chunk))[rank::world]
-        for start in tqdm(starts, desc="generate", disable=not progress):
+        bar = tqdm(total=sum(min(chunk, num_samples - s) for s in starts), desc="generate", unit="sample",
+                   disable=not progress)
+        for start in starts:
             batch = prior_chunk(model, start, min(chunk, num_samples - start), seed, cfg.generation, device,
                                 cfg.data.segment)
             produced += [(start + j, ids, None) for j, ids in enumerate(batch)]
+            bar.update(len(batch))
+        bar.close()
         produced += [(num_samples + chosen[r["key"]], None, r["text"]) for r in mine]  # references
     produced = sorted(all_gather_list(produced), key=lambda p: p[0])
     samples = [text_of(tokenizer, ids) for _, ids, _ in produced if ids is not None]
+    if rank != 0:
+        return {"metrics": {}, "samples": samples}
     references = [text_of(tokenizer, ref) for _, _, ref in produced if ref is not None]
     out = metrics.text_metrics([metrics.words(t) for t in samples], [metrics.words(t) for t in references],
                                paired=model.cfg.conditional)
@@ -232,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["valid", "test"], help="default: eval.split")
     p.add_argument("--iw-samples", type=int, help="importance samples per document (default: eval.iw_samples)")
     p.add_argument("--num-samples", type=int, help="generated texts (default: eval.num_samples)")
+    p.add_argument("--token-budget", type=int, default=TOKEN_BUDGET,
+                   help=f"decoder tokens per likelihood batch: documents x IW samples x length (default {TOKEN_BUDGET})")
+    p.add_argument("--max-documents", type=int, help="evaluate only the first N documents (by content hash)")
     p.add_argument("--seed", type=int, help="default: train.seed")
     p.add_argument("--output", help="metrics JSON (default: <run dir>/eval_<split>.json)")
     p.add_argument("--config", action="append", default=[], help="extra YAML merged over the checkpoint's config")
@@ -241,10 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load(args, extra: list[str]):
-    """(model, cfg, tokenizer, vocab) with --config files and overrides applied; model.* cannot change."""
+    """(model, cfg, tokenizer, vocab) with --config files and overrides applied. model.* overrides
+    apply too (e.g. model.latent_path=sequential); one that changes a weight's shape fails as the
+    weights load."""
     from trace_dist.checkpoint import load_for_inference
 
-    overrides = list(extra) + ([f"data.path={args.data}"] if getattr(args, "data", None) else [])
+    # --data replaces the training data (a mixture included): eval reads one prepared set
+    overrides = list(extra) + ([f"data.path={args.data}", "data.mixture=[]"] if getattr(args, "data", None) else [])
     return load_for_inference(args.checkpoint, overrides, configs=tuple(args.config))
 
 
@@ -266,19 +332,21 @@ def markdown_table(values: dict) -> str:
 
 
 def evaluate(args, extra: list[str]) -> Optional[dict]:
-    from trace_dist.data import manifest
+    from trace_dist.data import check_same_tokenizer, manifest
     from trace_dist.distributed import init_distributed
 
     start = time.time()
+    model, cfg, tokenizer, vocab = load(args, extra)  # a bad checkpoint fails before any process group starts
+    check_same_tokenizer(cfg.data.path, tokenizer, what=f"checkpoint {args.checkpoint}")
     info = init_distributed()
-    model, cfg, tokenizer, vocab = load(args, extra)
     model.to(info.device)
     split = args.split or cfg.eval.split
     iw = args.iw_samples or cfg.eval.iw_samples
     num_samples = args.num_samples or cfg.eval.num_samples
     seed = cfg.train.seed if args.seed is None else args.seed
     progress = info.is_main and not args.no_progress
-    results, my_rows = likelihood_metrics(model, cfg, vocab, split, iw, seed, info.device, progress)
+    results, my_rows = likelihood_metrics(model, cfg, vocab, split, iw, seed, info.device, args.token_budget,
+                                          args.max_documents, progress)
     generated = generation_pass(model, my_rows, cfg, num_samples, seed, info.device, tokenizer, progress)
     results.update(generated["metrics"])
     if not info.is_main:
@@ -289,6 +357,8 @@ def evaluate(args, extra: list[str]) -> Optional[dict]:
         "checkpoint": str(Path(args.checkpoint).resolve()),
         "split": split, "iw_samples": iw, "num_samples": len(generated["samples"]), "seed": seed,
         "world_size": info.world_size, "wall_time_s": round(time.time() - start, 2),
+        "batching": {"token_budget": args.token_budget, "max_documents": args.max_documents,
+                     "generation_batch_size": cfg.eval.batch_size},
         "tokenization": metrics.TOKENIZATION,
         "token_count": "decoder-predicted tokens: segment tokens incl. each sep and the final eos; no bos/prompt",
         "mi": "He et al. MI of the first segment's innovation u_1 over all documents; mi_per_segment[k]: "
@@ -299,7 +369,9 @@ def evaluate(args, extra: list[str]) -> Optional[dict]:
     }
     out = Path(args.output) if args.output else run_dir_of(args.checkpoint) / f"eval_{split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    partial = out.with_name(out.name + ".partial")                          # a complete file replaces the old one
+    partial.write_text(json.dumps(report, indent=1))
+    partial.replace(out)
     if cfg.tensorboard:
         from trace_dist.tblog import TensorBoard
 
@@ -315,10 +387,11 @@ def evaluate(args, extra: list[str]) -> Optional[dict]:
 
 def _checkpoint_step(checkpoint: str) -> int:
     from trace_dist.checkpoint import locate
+    from trace_dist.errors import CheckpointError
 
     try:
         return int(locate(checkpoint)[2].get("step", 0))
-    except FileNotFoundError:  # an export directory
+    except CheckpointError:  # an export directory
         return 0
 
 
@@ -326,12 +399,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
-        print(f"trace-dist eval: unrecognised arguments {bad} (overrides are dotted.key=value)", file=sys.stderr)
-        return 2
-    for name in ("iw_samples", "num_samples"):
-        if getattr(args, name) is not None and getattr(args, name) < (1 if name == "iw_samples" else 2):
-            print(f"trace-dist eval: --{name.replace('_', '-')} is too small", file=sys.stderr)
-            return 2
+        raise UserError(f"unrecognised arguments {bad} (overrides are dotted.key=value)")
+    for name, least in (("iw_samples", 1), ("num_samples", 2), ("token_budget", 1), ("max_documents", 1)):
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     evaluate(args, args.overrides)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -25,8 +25,8 @@ from typing import Optional
 import torch
 
 from trace_dist.errors import UserError
-from trace_dist.evaluate import prior_chunk, seeded_generator, text_of
 from trace_dist.model.generation import context_room
+from trace_dist.sampling import prior_chunk, seeded_generator, text_of
 from trace_dist.vocab import SPECIAL_TOKENS
 
 

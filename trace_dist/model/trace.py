@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from trace_dist.model.config import GenerationConfig
 from trace_dist.model.blocks import AttentionMask, LayerCache, Stack, init_weights
 from trace_dist.model.config import ModelConfig
-from trace_dist.model.latent import Latent, LatentSample
+from trace_dist.model.latent import Latent, compute_dtype
 from trace_dist.vocab import Vocab
 
 BATCH_KEYS = ("tokens", "seg_ids", "loss_mask", "prompt_mask", "num_segments", "example_mask")
@@ -238,14 +238,16 @@ class TRACE(nn.Module):
         return (ce.view(B, T) * _loss_mask(batch)).sum(1)
 
     # ------------------------------------------------------------ training forward
-    def forward(self, batch: dict, beta: float = 1.0, free_bits: float = 0.0) -> TraceOutput:
+    def forward(self, batch: dict, beta: float = 1.0, free_bits: float = 0.0,
+                eps: Optional[torch.Tensor] = None) -> TraceOutput:
+        """eps [B, K, d]: the posterior sample's standard-normal noise (default: drawn here)."""
         self.check_batch(batch)
         B = batch["tokens"].shape[0]
         seg_ids, seg_mask = self._segments(batch)
         sample = None
         if self.has_latent:
             h, h_prompt, seg_mask = self.features(batch)
-            sample = self.latent(h, seg_mask, h_prompt)
+            sample = self.latent(h, seg_mask, h_prompt, eps=eps)
         rec_sum = self.reconstruction(batch, seg_ids, None if sample is None else sample.z).sum()
         num_tokens = _loss_mask(batch).sum()
 
@@ -273,19 +275,25 @@ class TRACE(nn.Module):
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def log_weights(self, batch: dict, num_samples: int) -> torch.Tensor:
-        """[B, S]: log p(x|z_s) + log p(z_s) - log q(z_s|x), summed over segments; z_s ~ q(z|x)."""
+    def log_weights(self, batch: dict, num_samples: int, eps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, S]: log p(x|z_s) + log p(z_s) - log q(z_s|x), summed over segments; z_s ~ q(z|x) with
+        noise eps [B, S, K, d] (default: drawn here, sample by sample). The encoder runs once; the
+        S samples of every example decode as one batch of B * S rows."""
         self.check_batch(batch)
+        B, S = batch["tokens"].shape[0], num_samples
         seg_ids, _ = self._segments(batch)
-        h, h_prompt, seg_mask = self.features(batch) if self.has_latent else (None, None, None)
-        out = []
-        for _ in range(num_samples):
-            sample: Optional[LatentSample] = None if h is None else self.latent(h, seg_mask, h_prompt)
-            lw = -self.reconstruction(batch, seg_ids, None if sample is None else sample.z)
-            if sample is not None:
-                lw = lw + (sample.log_ratio.sum(-1) * seg_mask).sum(1)
-            out.append(lw)
-        return torch.stack(out, dim=1)
+        if not self.has_latent:  # z-free: every sample is the exact log p(x)
+            return -self.reconstruction(batch, seg_ids, None)[:, None].expand(B, S)
+        h, h_prompt, seg_mask = self.features(batch)
+        if eps is None:
+            shape = (*seg_mask.shape, self.cfg.latent_size)
+            eps = torch.stack([torch.randn(shape, device=h.device, dtype=compute_dtype(h)) for _ in range(S)], dim=1)
+        rows = lambda x: x.repeat_interleave(S, dim=0)       # noqa: E731  [B, ...] -> [B * S, ...], b-major
+        sample = self.latent(rows(h), rows(seg_mask), None if h_prompt is None else rows(h_prompt),
+                             eps=eps.flatten(0, 1))
+        big = {k: rows(v) for k, v in batch.items() if k in BATCH_KEYS}
+        lw = -self.reconstruction(big, rows(seg_ids), sample.z)
+        return (lw + (sample.log_ratio.sum(-1) * rows(seg_mask)).sum(1)).view(B, S)
 
     @torch.no_grad()
     def posterior(self, batch: dict) -> dict[str, torch.Tensor]:
