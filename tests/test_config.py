@@ -48,6 +48,14 @@ def test_bad_override_syntax_and_files(tmp_path):
     (tmp_path / "cyc.yaml").write_text("extends: cyc.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
         load_config([tmp_path / "cyc.yaml"])
+    (tmp_path / "long.yaml").write_text("extends: " + "x" * 300 + ".yaml\n")   # fault matrix C4: ENAMETOOLONG
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_config([tmp_path / "long.yaml"])
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match="not a text"):
+        load_config([tmp_path / "binary.yaml"])
+    with pytest.raises(ConfigError, match="cannot read it"):                   # a directory
+        load_config([tmp_path])
 
 
 def test_deepspeed_config_is_patched_by_typed_keys():

@@ -176,6 +176,7 @@ def _broken_inputs(tiny_data, tmp):
         ([f"data.path={tiny_data}", f"train.output_dir={tmp / 'a_file' / 'run'}"], "a_file is a file, not a directory"),
         ([f"data.path={tiny_data}", f"deepspeed_config={tmp / 'bad.json'}"], "bad.json is not valid JSON"),
         ([f"data.path={tiny_data}", f"deepspeed_config={tmp / 'list.json'}"], "must hold a JSON object, not list"),
+        ([f"data.path={tiny_data}", f"checkpoint.resume={tmp / 'nowhere'}"], "no complete TRACE checkpoint at"),
     ]
 
 

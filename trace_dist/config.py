@@ -237,6 +237,8 @@ def _load_json(path: Path) -> dict:
         ds = json.loads(path.read_text())
     except (FileNotFoundError, IsADirectoryError):
         raise ConfigError(f"deepspeed_config: file not found: {path}") from None
+    except OSError as e:  # unreadable, a name too long, ...
+        raise ConfigError(f"deepspeed_config: cannot read {path} ({e.strerror or e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"deepspeed_config: {path} is not valid JSON: {e}") from None
     if not isinstance(ds, dict):
@@ -245,13 +247,17 @@ def _load_json(path: Path) -> dict:
 
 
 def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    path = resolve_path(path)
-    if path in seen:
-        raise ConfigError(f"extends: cycle through {path}")
     try:
+        path = resolve_path(path)
+        if path in seen:
+            raise ConfigError(f"extends: cycle through {path}")
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except OSError as e:  # a directory, unreadable, a name too long (ENAMETOOLONG from exists() too), ...
+        raise ConfigError(f"config file {str(path)[:200]}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (YAML) file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(data, dict):

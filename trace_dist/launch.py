@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from trace_dist.config import ConfigError, TraceConfig, load_config
+from trace_dist.config import RESUME_MODES, ConfigError, TraceConfig, load_config
 from trace_dist.distributed import free_port
 from trace_dist.files import atomic_write
 from trace_dist.runlock import RunLock
@@ -61,9 +61,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def preflight(cfg: TraceConfig, cuda: bool) -> None:
     """Problems that would otherwise surface minutes later, on every rank."""
+    from trace_dist import checkpoint
     from trace_dist.data import check_sources
 
     check_sources(cfg.data)  # each source: manifest valid, tokenizer the recorded one, train/valid not empty
+    if cfg.checkpoint.resume not in RESUME_MODES:  # an explicit checkpoint must be a complete one
+        checkpoint.locate(cfg.checkpoint.resume)
     _check_writable(cfg.run_dir)
     if cfg.precision == "fp16" and not cuda:
         raise ConfigError("precision: fp16 is not supported by DeepSpeed on CPU; use bf16 or fp32")
