@@ -166,6 +166,20 @@ def _broken_inputs(tiny_data, tmp):
         m["splits"]["valid"].update(samples=0, shards=[])
         return json.dumps(m)
 
+    def run_trained_on_other_text():
+        """A run directory whose (complete) checkpoint carries the tokenizer of another corpus (R4)."""
+        from conftest import tiny_corpus
+        from trace_dist.data.prepare import main as prepare
+
+        (tmp / "other.txt").write_text("\n".join(tiny_corpus(seed=1)) + "\n")
+        assert prepare(["--input", str(tmp / "other.txt"), "--output", str(tmp / "other"), "--vocab-size", "512"]) == 0
+        tag = tmp / "other_run" / "checkpoints" / "step00000001"
+        tag.mkdir(parents=True)
+        shutil.copyfile(tmp / "other" / "tokenizer.json", tag / "tokenizer.json")
+        (tag / "trace_meta.json").write_text(json.dumps({"step": 1, "files": {}}))
+        (tag.parent / "latest").write_text(tag.name)
+        return tag.parent.parent
+
     (tmp / "a_file").write_text("not a directory")
     (tmp / "bad.json").write_text("{ not json")
     (tmp / "list.json").write_text("[1, 2]")
@@ -177,19 +191,23 @@ def _broken_inputs(tiny_data, tmp):
         ([f"data.path={tiny_data}", f"deepspeed_config={tmp / 'bad.json'}"], "bad.json is not valid JSON"),
         ([f"data.path={tiny_data}", f"deepspeed_config={tmp / 'list.json'}"], "must hold a JSON object, not list"),
         ([f"data.path={tiny_data}", f"checkpoint.resume={tmp / 'nowhere'}"], "no complete TRACE checkpoint at"),
+        ([f"data.path={tiny_data}", f"train.output_dir={run_trained_on_other_text()}"], "with another tokenizer"),
     ]
 
 
 def test_broken_inputs_are_refused_before_anything_starts(tiny_data, tmp_path, capsys):
     from trace_dist.cli import main as cli
 
-    for extra, message in _broken_inputs(tiny_data, tmp_path):
+    cases = _broken_inputs(tiny_data, tmp_path)
+    capsys.readouterr()  # what preparing the inputs printed
+    for extra, message in cases:
         out = tmp_path / "run"
         args = [f"train.output_dir={out}", *extra]
         assert cli(["train", "--config", "configs/tiny.yaml", "--nproc", "1", *args]) == 2, extra
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1 and err.startswith("trace-dist train: "), err
         assert not out.exists()
+    assert not (tmp_path / "other_run" / "config.yaml").exists()  # refused before the resolved config is written
 
 
 def test_log_truncation_and_checkpoint_completeness_on_real_files(tmp_path):

@@ -420,3 +420,21 @@ def test_deepspeed_starts_despite_a_stale_lock_of_its_comm_op(extensions_dir, tm
     lock.touch()
     assert run_ranks(_start_deepspeed_comm, 1, tmp_path=tmp_path, timeout=400) == [True]
     assert not lock.exists() and any(extensions_dir.glob("deepspeed_shm_comm/*.so"))
+
+
+def test_eval_refuses_data_of_another_tokenizer_before_starting(conditional_export, tmp_path, capsys):
+    """Fault matrix E6/E7: eval --data prepared with another tokenizer (same size or not) used to run
+    silently (PPL 453 vs 407); now one line naming both sides, before any process group starts."""
+    from conftest import tiny_corpus
+    from trace_dist.cli import main
+    from trace_dist.data.prepare import main as prepare
+
+    (tmp_path / "other.txt").write_text("\n".join(tiny_corpus(seed=1)) + "\n")
+    assert prepare(["--input", str(tmp_path / "other.txt"), "--output", str(tmp_path / "other"),
+                    "--vocab-size", "512"]) == 0
+    capsys.readouterr()
+    rc = main(["eval", "--checkpoint", str(conditional_export), "--data", str(tmp_path / "other")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "was trained with another tokenizer" in err and str(tmp_path / "other") in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not torch.distributed.is_initialized()

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from trace_dist.config import RESUME_MODES, ConfigError, TraceConfig, load_config
+from trace_dist.config import ConfigError, TraceConfig, load_config
 from trace_dist.distributed import free_port
 from trace_dist.files import atomic_write
 from trace_dist.runlock import RunLock
@@ -62,11 +62,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def preflight(cfg: TraceConfig, cuda: bool) -> None:
     """Problems that would otherwise surface minutes later, on every rank."""
     from trace_dist import checkpoint
-    from trace_dist.data import check_sources
+    from trace_dist.data import check_same_tokenizer, check_sources
 
     check_sources(cfg.data)  # each source: manifest valid, tokenizer the recorded one, train/valid not empty
-    if cfg.checkpoint.resume not in RESUME_MODES:  # an explicit checkpoint must be a complete one
-        checkpoint.locate(cfg.checkpoint.resume)
+    # the checkpoint the ranks will resume from (an explicit one must exist) was trained on this tokenizer
+    resume = checkpoint.find_resume(cfg, warn=lambda message: print(f"[trace-dist] {message}", file=sys.stderr))
+    if resume is not None:
+        tag_dir = resume[0] / resume[1]
+        check_same_tokenizer(cfg.data.path, tag_dir / "tokenizer.json", what=f"checkpoint {tag_dir}")
     _check_writable(cfg.run_dir)
     if cfg.precision == "fp16" and not cuda:
         raise ConfigError("precision: fp16 is not supported by DeepSpeed on CPU; use bf16 or fp32")
