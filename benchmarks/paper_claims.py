@@ -76,7 +76,8 @@ SMOKE_OVERRIDES = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "mode
                    "eval.iw_samples=2", "eval.num_samples=8", "eval.batch_size=4", "generation.max_new_tokens=8"]
 SMOKE_GROUPS = 2
 
-# (column, key, format): the table. Text metrics at temperature 1.0; MI is the mean over segment positions.
+# (column, key, format): the table. Text metrics at temperature 1.0; MI/seg: mean over segment positions,
+# weighted by the documents reaching each.
 COLUMNS = [("NLL bits/byte", "nll_bits_per_byte", ".3f"), ("PPL (IW)", "ppl_iw", ".1f"), ("KL", "kl", ".2f"),
            ("floor/seg", "kl_floor", ".2f"), ("MI/seg", "mi_seg_mean", ".3f"), ("AU", "au", ".0f"),
            ("BLEU-4 @1", "bleu_4@1.0", ".4f"), ("Self-BLEU-4 @1", "self_bleu_4@1.0", ".4f"),
@@ -138,10 +139,12 @@ def test_bytes(tokenizer, rows: list[dict]) -> int:
     return sum(len(text_of(tokenizer, r["text"]).encode("utf-8")) for r in rows)
 
 
-def mi_bootstrap(rows: list[dict], seed: int, replicates: int) -> list[float]:
-    """MI per segment (mean over positions) on `replicates` resamples of the test documents, each
-    document keeping its own posterior sample (evaluate.mi_noise). A document drawn twice sits
-    twice in the mixture q(z), which biases each replicate down: the CI is conservative."""
+def mi_with_bootstrap(rows: list[dict], seed: int, replicates: int) -> tuple[float, list[float]]:
+    """MI per segment, summarised over positions weighted by how many documents reach each (a
+    position few documents reach is mostly estimator noise), on the test documents and on
+    `replicates` resamples of them. Each document keeps its own posterior sample
+    (evaluate.mi_noise). A document drawn twice sits twice in the mixture q(z), which biases each
+    replicate down: the CI is conservative."""
     import torch
 
     from trace_dist.evaluate import mi_noise
@@ -151,13 +154,15 @@ def mi_bootstrap(rows: list[dict], seed: int, replicates: int) -> list[float]:
     stack = lambda name: torch.stack([r[name][:K] for r in rows])  # noqa: E731  [N, K, d] / [N, K]
     mean, logvar, mask = stack("innov_mean"), stack("innov_logvar"), stack("seg_mask")
     eps = mi_noise([r["key"] for r in rows], seed, tuple(mean.shape[1:]))
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(replicates):
-        idx = torch.from_numpy(rng.integers(0, len(rows), len(rows)))
+
+    def summary(idx: torch.Tensor) -> float:
         per_seg = mutual_info_per_segment(mean[idx], logvar[idx], mask[idx], eps[idx])
-        out.append(float(np.mean(per_seg)) if per_seg else 0.0)
-    return out
+        docs = mask[idx][:, :len(per_seg)].sum(0).double()                 # [K'] documents per position
+        return float((torch.tensor(per_seg, dtype=torch.float64) * docs).sum() / docs.sum()) if per_seg else 0.0
+
+    rng = np.random.default_rng(seed)
+    boot = [summary(torch.from_numpy(rng.integers(0, len(rows), len(rows)))) for _ in range(replicates)]
+    return summary(torch.arange(len(rows))), boot
 
 
 def evaluate_run(run: Path, data: Path, seed: int, temperatures, groups: int) -> dict:
@@ -179,8 +184,7 @@ def evaluate_run(run: Path, data: Path, seed: int, temperatures, groups: int) ->
     segs = out["kl_per_segment"]
     out["kl_seg_min"] = min(segs) if segs else 0.0
     if "mi_per_segment" in out:
-        out["mi_seg_mean"] = float(np.mean(out["mi_per_segment"])) if out["mi_per_segment"] else 0.0
-        out["mi_boot"] = mi_bootstrap(rows, seed, MI_BOOTSTRAP)
+        out["mi_seg_mean"], out["mi_boot"] = mi_with_bootstrap(rows, seed, MI_BOOTSTRAP)
     references = [metrics.words(text_of(tokenizer, r["text"])) for r in rows]
     frontier = []
     for t in temperatures:
@@ -558,7 +562,7 @@ def write_report(out: Path, rows, agg, verdicts, command: str, wall_s: float, st
           f"likelihood pass and prior samples at temperatures {', '.join(map(str, TEMPERATURES))} (top-p off). "
           "Values: mean ± sample std over seeds; text metrics at temperature 1.0, mean over the sample groups; "
           "NLL bits/byte is the IW bound in nats / ln 2 / UTF-8 bytes of the scored test text; MI/seg is the "
-          "mean over segment positions of the MI of each position's latent.", "",
+          "mean over segment positions of the MI of each position's latent, weighted by the documents reaching it.", "",
           markdown_table(agg), "",
           ("Paired latent-path speed (one process, sequential and parallel training steps alternated on the "
            f"same batches, median of {speed['rounds']} per-round ratios, {speed['threads']} threads): sequential "

@@ -140,10 +140,10 @@ def test_mi_bootstrap_separates_informative_from_identical_posteriors():
         return [{"key": i, "innov_mean": spread * torch.randn(3, 4, generator=g), "innov_logvar": torch.full((3, 4), -2.0),
                  "seg_mask": torch.tensor([True, True, i % 2 == 0])} for i in range(40)]
 
-    informative = paper_claims.mi_bootstrap(rows(2.0), seed=1, replicates=30)
-    collapsed = paper_claims.mi_bootstrap(rows(0.0), seed=1, replicates=30)
-    assert np.percentile(informative, 2.5) > 1.0
-    assert max(collapsed) < 0.5 and np.percentile(collapsed, 2.5) <= 0
+    point, informative = paper_claims.mi_with_bootstrap(rows(2.0), seed=1, replicates=30)
+    assert point > 1.0 and np.percentile(informative, 2.5) > 1.0
+    point, collapsed = paper_claims.mi_with_bootstrap(rows(0.0), seed=1, replicates=30)
+    assert abs(point) < 0.5 and max(collapsed) < 0.5 and np.percentile(collapsed, 2.5) <= 0
 
 
 # ------------------------------------------------------------------------------ the corpus reader
