@@ -172,7 +172,8 @@ def evaluate_run(run: Path, data: Path, seed: int, temperatures, groups: int) ->
 
     from trace_dist import metrics
     from trace_dist.checkpoint import load_for_inference
-    from trace_dist.evaluate import generation_pass, likelihood_metrics, text_of
+    from trace_dist.evaluate import generation_pass, likelihood_metrics
+    from trace_dist.sampling import text_of
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     model, cfg, tokenizer, vocab = load_for_inference(run, [f"data.path={data}", "generation.top_p=1.0"])

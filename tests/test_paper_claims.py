@@ -213,7 +213,7 @@ def test_a_failed_run_is_reported_not_fatal(tmp_path):
     proc = run_script(tmp_path, "--smoke", "--data", str(tmp_path / "empty"), timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "train failed (rc 2)" in md and "no manifest.json" in md
+    assert "train failed (rc 2)" in md and "empty/manifest.json (run `trace-dist prepare` first)" in md
     assert "| LM | 0 ok, 1 failed |" in md
     runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
     assert [r["model"] for r in runs] == list(paper_claims.SMOKE_MODELS)
