@@ -1,0 +1,58 @@
+"""Segmentation-fair likelihood (issue 13): bits/byte and per-word PPL normalise by the text, not the tokens.
+
+The normaliser of a document is the UTF-8 byte count and whitespace word count of the text the model
+scored: the whole stored text whatever data.segment is, and only the kept part when a load-time
+limit cuts the document.
+"""
+
+import math
+
+import pytest
+import torch
+from test_data_prepare import records
+from test_faults_data import cfg_for, unicode_data
+
+from trace_dist import metrics
+from trace_dist.data import eval_loader, load_tokenizer
+
+
+@pytest.mark.parametrize("segment", ["sentence", "fixed:4", "fixed:32"])
+def test_normaliser_is_the_raw_text_under_every_segmentation(tmp_path_factory, segment):
+    path = unicode_data(tmp_path_factory) / "plain"
+    tokenizer, vocab = load_tokenizer(path)
+    docs = list(records(path, "train"))
+    batch = next(iter(eval_loader(cfg_for(path, segment=segment), vocab, "train", len(docs), 0, 1)))
+    assert batch["example_mask"].all()
+    assert batch["num_bytes"].tolist() == [len(r.text.encode("utf-8")) for r in docs]
+    assert batch["num_words"].tolist() == [len(r.text.split()) for r in docs]
+    if segment == "fixed:4":  # many separators, yet the same normaliser: a sep adds tokens, not text
+        assert batch["loss_mask"].sum() >= 4 / 3 * sum(len(r.ids) for r in docs)
+
+
+@pytest.mark.parametrize("limit", [dict(max_segments=2), dict(max_segment_tokens=4), dict(max_tokens=12)])
+def test_cut_documents_count_only_the_text_kept(tmp_path_factory, limit):
+    path = unicode_data(tmp_path_factory) / "plain"
+    tokenizer, vocab = load_tokenizer(path)
+    docs = list(records(path, "train"))
+    batch = next(iter(eval_loader(cfg_for(path, segment="fixed:6", **limit), vocab, "train", len(docs), 0, 1)))
+    for i, record in enumerate(docs):
+        kept = batch["tokens"][i][batch["loss_mask"][i]]
+        content = kept[(kept != vocab.sep) & (kept != vocab.eos)].tolist()
+        assert len(content) < len(record.ids)  # every document is cut
+        # the kept tokens' own bytes, from the tokenizer's byte-level strings (one character per byte)
+        kept_bytes = sum(len(tokenizer.id_to_token(t)) for t in content)
+        assert batch["num_bytes"][i] == kept_bytes < len(record.text.encode("utf-8"))
+        # words: the kept runs of the text (segments that follow each other join up)
+        assert 0 < batch["num_words"][i] <= len(record.text.split())
+    if "max_segments" in limit:  # a kept prefix: its text decodes whole
+        for i, record in enumerate(docs):
+            prefix = tokenizer.decode(batch["tokens"][i][batch["loss_mask"][i]].tolist(), skip_special_tokens=True)
+            assert batch["num_words"][i] == len(prefix.split())
+
+
+def test_per_text_arithmetic():
+    out = metrics.per_text(nll=100.0, num_bytes=50, num_words=10)
+    assert out["bpb"] == pytest.approx(100.0 / math.log(2) / 50)
+    assert out["word_ppl"] == pytest.approx(math.exp(10.0))
+    with pytest.raises(ValueError, match="bytes and words"):
+        metrics.per_text(1.0, 0, 3)
