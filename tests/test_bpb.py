@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from test_data_prepare import records
+from test_evaluate import _likelihood, tiny_export  # noqa: F401  (the fixture)
 from test_faults_data import cfg_for, unicode_data
 
 from trace_dist import metrics
@@ -56,3 +57,23 @@ def test_per_text_arithmetic():
     assert out["word_ppl"] == pytest.approx(math.exp(10.0))
     with pytest.raises(ValueError, match="bytes and words"):
         metrics.per_text(1.0, 0, 3)
+
+
+# ----------------------------------------------------------------------------- eval JSON and validation
+
+
+def test_eval_figures_per_byte_and_word_recompute_from_the_sums(tiny_export, tiny_data):
+
+    m = _likelihood(tiny_export)
+    docs = list(records(tiny_data, "test"))
+    assert m["num_examples"] == len(docs)
+    assert m["num_bytes"] == sum(len(r.text.encode("utf-8")) for r in docs)   # the raw text, every document
+    assert m["num_words"] == sum(len(r.text.split()) for r in docs)
+    nll = m["nll_iw"] * m["num_tokens"]                                        # nats, seps and eos included
+    assert m["bpb_iw"] == pytest.approx(nll / math.log(2) / m["num_bytes"], rel=1e-12)
+    assert m["word_ppl_iw"] == pytest.approx(math.exp(nll / m["num_words"]), rel=1e-12)
+    bound = -m["elbo"] * m["num_examples"]
+    assert m["bpb_elbo"] == pytest.approx(bound / math.log(2) / m["num_bytes"], rel=1e-12)
+    assert m["word_ppl_elbo"] == pytest.approx(math.exp(bound / m["num_words"]), rel=1e-12)
+    assert m["bpb_elbo"] >= m["bpb_iw"] * (1 - 1e-3)                          # the IW bound is the tighter
+    assert list(m["sources"]) == ["data"] and m["sources"]["data"]["bpb_iw"] == m["bpb_iw"]

@@ -127,6 +127,7 @@ def test_max_documents_takes_the_first_documents_by_content_hash(tiny_export):
     expected = _figures(model, cfg, *evaluate.likelihood_pass(model, examples, 3, 1, "cpu", 1, progress=False))
     got = _likelihood(tiny_export, max_documents=5)
     assert got["num_examples"] == 5
+    assert got.pop("sources") == {"data": got}                # one prepared set: its own only source
     assert_same_figures(got, expected)
 
 
