@@ -12,8 +12,9 @@ import torch
 from test_data_prepare import records
 from test_evaluate import _likelihood, tiny_export  # noqa: F401  (the fixture)
 from test_faults_data import cfg_for, unicode_data
+from test_remote_data import other_data  # noqa: F401  (the fixture)
 
-from trace_dist import metrics
+from trace_dist import evaluate, metrics
 from trace_dist.data import eval_loader, load_tokenizer
 
 
@@ -77,3 +78,27 @@ def test_eval_figures_per_byte_and_word_recompute_from_the_sums(tiny_export, tin
     assert m["word_ppl_elbo"] == pytest.approx(math.exp(bound / m["num_words"]), rel=1e-12)
     assert m["bpb_elbo"] >= m["bpb_iw"] * (1 - 1e-3)                          # the IW bound is the tighter
     assert list(m["sources"]) == ["data"] and m["sources"]["data"]["bpb_iw"] == m["bpb_iw"]
+
+
+def test_eval_of_a_mixture_reports_each_source_and_the_pool(tiny_export, tiny_data, other_data):
+    """Each source's figures are those of evaluating that prepared set alone; the pooled ones sum both."""
+    from test_evaluate import assert_same_figures
+
+    from trace_dist.checkpoint import load_for_inference
+    from trace_dist.data.config import DataConfig
+
+    model, cfg, _, vocab = load_for_inference(tiny_export)
+    mixture = [dict(path=str(tiny_data), weight=3.0, name="tiny"), dict(path=str(other_data), weight=1.0, name="other")]
+    cfg.data = DataConfig(**{**cfg.data.model_dump(), "mixture": mixture})
+    pooled = evaluate.likelihood_metrics(model, cfg, vocab, "test", iw_samples=3, seed=1, device="cpu")[0]
+    sources = pooled.pop("sources")
+    assert list(sources) == ["tiny", "other"]
+    for name, path in (("tiny", tiny_data), ("other", other_data)):
+        alone = _likelihood(tiny_export, [f"data.path={path}"])
+        alone.pop("sources")
+        assert_same_figures(sources[name], alone)
+    for key in ("num_examples", "num_tokens", "num_bytes", "num_words"):
+        assert pooled[key] == sources["tiny"][key] + sources["other"][key] > sources["other"][key] > 0, key
+    nll = sum(s["nll_iw"] * s["num_tokens"] for s in sources.values())
+    assert pooled["bpb_iw"] == pytest.approx(nll / math.log(2) / pooled["num_bytes"], rel=1e-9)
+    assert pooled["nll_iw"] == pytest.approx(nll / pooled["num_tokens"], rel=1e-9)
