@@ -102,3 +102,40 @@ def test_eval_of_a_mixture_reports_each_source_and_the_pool(tiny_export, tiny_da
     nll = sum(s["nll_iw"] * s["num_tokens"] for s in sources.values())
     assert pooled["bpb_iw"] == pytest.approx(nll / math.log(2) / pooled["num_bytes"], rel=1e-9)
     assert pooled["nll_iw"] == pytest.approx(nll / pooled["num_tokens"], rel=1e-9)
+
+
+class BareEngine(torch.nn.Module):
+    """What the Validator uses of a DeepSpeed engine (`engine(batch, ...)`, `.module`, eval/train) on a plain
+    model: one process, no ZeRO, so the test needs no launcher."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+
+    def forward(self, batch, **kw):
+        return self.module(batch, **kw)
+
+
+@pytest.mark.parametrize("segment", ["sentence", "fixed:4"])
+def test_validation_reports_the_bound_per_byte_and_word(tiny_data, segment):
+    from test_evaluate import TINY, coupled_model
+
+    from trace_dist.config import load_config
+    from trace_dist.data import load_tokenizer
+    from trace_dist.distributed import DistInfo
+    from trace_dist.validator import Validator
+
+    cfg = load_config([TINY], [f"data.path={tiny_data}", f"data.segment={segment}", "train.samples_to_log=0"])
+    tokenizer, vocab = load_tokenizer(tiny_data)
+    validator = Validator(cfg, BareEngine(coupled_model(cfg, vocab)), DistInfo(0, 0, 1, torch.device("cpu")), vocab,
+                          tokenizer)
+    m, _, _, _ = validator(step=1)
+    # the scored text of the same batches, decoded back from their tokens (uncut documents: the whole text)
+    batches = list(eval_loader(cfg.data, vocab, "valid", cfg.train.micro_batch_size, 0, 1))[:cfg.train.eval_batches]
+    texts = [tokenizer.decode(row[mask].tolist(), skip_special_tokens=True)
+             for b in batches for row, mask in zip(b["tokens"], b["loss_mask"]) if mask.any()]
+    tokens = sum(int(b["loss_mask"].sum()) for b in batches)
+    nll = m["val_loss"] * tokens                                               # nats: every sep and eos
+    assert m["val_bpb"] == pytest.approx(nll / math.log(2) / sum(len(t.encode("utf-8")) for t in texts), rel=1e-9)
+    assert m["val_word_ppl"] == pytest.approx(math.exp(nll / sum(len(t.split()) for t in texts)), rel=1e-9)
+    assert m["val_ppl_bound"] == pytest.approx(math.exp(nll / tokens), rel=1e-9)
