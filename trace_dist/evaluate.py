@@ -7,7 +7,9 @@
 Runs alone, under torchrun or under the `deepspeed` launcher (no engine: every rank loads the
 consolidated model). Each rank evaluates its disjoint share of the split; sums are all-reduced in
 float64, posteriors all-gathered for MI; rank 0 computes the text metrics and writes the JSON and
-TensorBoard.
+TensorBoard. Likelihoods are reported per token and per byte / word of the text (`bpb_*`,
+`word_ppl_*`: fair across data.segment); a data.mixture is evaluated per source (`sources.<name>`)
+and pooled.
 
 Batching: a rank's documents are sorted by length and packed into batches of at most
 `--token-budget` decoder tokens (documents x importance samples x the batch's longest document; a
