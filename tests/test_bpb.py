@@ -21,7 +21,7 @@ from trace_dist.data import eval_loader, load_tokenizer
 @pytest.mark.parametrize("segment", ["sentence", "fixed:4", "fixed:32"])
 def test_normaliser_is_the_raw_text_under_every_segmentation(tmp_path_factory, segment):
     path = unicode_data(tmp_path_factory) / "plain"
-    tokenizer, vocab = load_tokenizer(path)
+    _, vocab = load_tokenizer(path)
     docs = list(records(path, "train"))
     batch = next(iter(eval_loader(cfg_for(path, segment=segment), vocab, "train", len(docs), 0, 1)))
     assert batch["example_mask"].all()
