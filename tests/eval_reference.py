@@ -29,7 +29,8 @@ def likelihood_pass_batch1(model, examples: list[dict], iw_samples: int, seed: i
         out = model(ex)
         lw = model.log_weights(ex, iw_samples)                              # [1, S]
         values = {"rec": out.rec_sum, "kl": out.kl_sum, "kl_per_segment": out.kl_per_segment_sum,
-                  "seg_count": out.seg_count, **metrics.iw_sums(lw.cpu(), ex["loss_mask"].sum(1).cpu())}
+                  "seg_count": out.seg_count, "num_bytes": ex["num_bytes"].sum(), "num_words": ex["num_words"].sum(),
+                  **metrics.iw_sums(lw.cpu(), ex["loss_mask"].sum(1).cpu())}
         row = {"key": key, "prompt": ex["tokens"][0][ex["prompt_mask"][0]].tolist(),
                "text": ex["tokens"][0][ex["loss_mask"][0]].tolist()}
         if model.has_latent:

@@ -127,6 +127,7 @@ def test_max_documents_takes_the_first_documents_by_content_hash(tiny_export):
     expected = _figures(model, cfg, *evaluate.likelihood_pass(model, examples, 3, 1, "cpu", 1, progress=False))
     got = _likelihood(tiny_export, max_documents=5)
     assert got["num_examples"] == 5
+    assert got.pop("sources") == {"data": got}                # one prepared set: its own only source
     assert_same_figures(got, expected)
 
 
@@ -182,6 +183,7 @@ def test_batch_size_budget_and_rank_count_do_not_change_the_figures(tiny_export,
     for other in (big, two):
         assert other["samples"] == alone["samples"]
         assert_same_figures(other["metrics"], alone["metrics"])
+        assert_same_figures(other["sources"]["data"], alone["sources"]["data"])
 
 
 # ------------------------------------------------------------------ generation
@@ -190,8 +192,11 @@ def test_eval_cli_end_to_end(tiny_export, tmp_path, single_process_env):
     assert _eval_cli(tiny_export, out) == 0
     report = json.loads(out.read_text())
     m = report["metrics"]
-    for key in ("nll_iw", "ppl_iw", "elbo", "kl", "mi", "au", "bleu_2", "self_bleu_4", "distinct_1", "len_mean"):
+    for key in ("nll_iw", "ppl_iw", "bpb_iw", "word_ppl_iw", "bpb_elbo", "word_ppl_elbo", "elbo", "kl", "mi", "au",
+                "bleu_2", "self_bleu_4", "distinct_1", "len_mean"):
         assert key in m and math.isfinite(m[key]), key
+    assert list(report["sources"]) == ["data"] and report["sources"]["data"]["bpb_iw"] == m["bpb_iw"]
+    assert "sources" not in m and "byte" in report["text_count"]
     assert report["world_size"] == 1 and report["num_samples"] == 6 and report["tokenization"]
     assert len(report["data_manifest_sha256"]) == 64
     assert list((tiny_export / "tensorboard" / "eval").glob("events.out.tfevents.*"))

@@ -34,6 +34,8 @@ def write_search(tmp_path, **fields) -> Path:
 def test_shipped_search_configs_validate(name):
     spec, base = load_search(REPO / f"configs/tune/{name}.yaml")
     assert spec.name == name and spec.objective.mode == "min"
+    # searches over data.segment rank trials per byte of text, not per token (issue 13)
+    assert spec.objective.metric == spec.plot.quality == "val_bpb"
     assert base.zero.stage == 2 and spec.workers >= 2
     assert set(spec.space) >= {"kl.beta", "data.segment"}
 
@@ -156,7 +158,9 @@ def test_trial_config_sets_params_and_run_dir(tmp_path):
 
 def test_objective_value_and_weighted_score():
     assert Objective(metric="val_elbo").mode == "max"
-    assert Objective().value({"val_ppl_bound": 12.5}) == 12.5
+    assert Objective().metric == "val_bpb" and Objective().mode == "min"
+    assert Objective().value({"val_bpb": 1.25, "val_ppl_bound": 12.5}) == 1.25
+    assert Objective(metric="val_word_ppl").mode == "min" and Plot().quality == "val_bpb"
     score = Objective(metric="score", mode="max", weights={"val_loss": -1.0, "distinct_2": 2.0})
     assert score.value({"val_loss": 3.0, "distinct_2": 0.5, "step": 4}) == pytest.approx(-2.0)
     with pytest.raises(KeyError, match=r"needs metric\(s\) \['distinct_2'\]"):

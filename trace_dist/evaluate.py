@@ -7,7 +7,9 @@
 Runs alone, under torchrun or under the `deepspeed` launcher (no engine: every rank loads the
 consolidated model). Each rank evaluates its disjoint share of the split; sums are all-reduced in
 float64, posteriors all-gathered for MI; rank 0 computes the text metrics and writes the JSON and
-TensorBoard.
+TensorBoard. Likelihoods are reported per token and per byte / word of the text (`bpb_*`,
+`word_ppl_*`: fair across data.segment); a data.mixture is evaluated per source (`sources.<name>`)
+and pooled.
 
 Batching: a rank's documents are sorted by length and packed into batches of at most
 `--token-budget` decoder tokens (documents x importance samples x the batch's longest document; a
@@ -90,7 +92,8 @@ def collate(examples: list[dict], pad: int) -> dict[str, torch.Tensor]:
     def padded(ex, k):                                                      # [1, n] -> [1, T]
         return torch.nn.functional.pad(ex[k], (0, T - ex[k].shape[1]), value=fill[k])
     batch = {k: torch.cat([padded(ex, k) for ex in examples]) for k in fill}
-    batch.update({k: torch.cat([ex[k] for ex in examples]) for k in ("num_segments", "example_mask")})
+    batch.update({k: torch.cat([ex[k] for ex in examples])
+                  for k in ("num_segments", "example_mask", "num_bytes", "num_words")})
     return batch
 
 
@@ -129,7 +132,8 @@ def all_gather_list(items: list) -> list:
 def empty_sums(model) -> dict[str, torch.Tensor]:
     """Every named float64 sum, zero, so that a rank without documents joins the reduction."""
     K, d = model.cfg.max_segments, model.cfg.latent_size
-    sums = {k: torch.zeros((), dtype=torch.float64) for k in ("rec", "kl", "log_px", "num_tokens", "num_examples")}
+    sums = {k: torch.zeros((), dtype=torch.float64)
+            for k in ("rec", "kl", "log_px", "num_tokens", "num_examples", "num_bytes", "num_words")}
     sums.update(kl_per_segment=torch.zeros(K, dtype=torch.float64), seg_count=torch.zeros(K, dtype=torch.float64))
     if model.has_latent:
         sums.update(au_count=torch.zeros(K, dtype=torch.float64), au_sum=torch.zeros(K, d, dtype=torch.float64),
@@ -162,6 +166,7 @@ def likelihood_batch(model, examples: list[dict], keys: list[int], iw_samples: i
     out = model(batch, eps=eps)
     lw = model.log_weights(batch, iw_samples, eps=eps_iw)                           # [B, S]
     values.update(rec=out.rec_sum, kl=out.kl_sum, kl_per_segment=out.kl_per_segment_sum, seg_count=out.seg_count,
+                  num_bytes=batch["num_bytes"].sum(), num_words=batch["num_words"].sum(),
                   **metrics.iw_sums(lw.cpu(), batch["loss_mask"].sum(1).cpu()))
     return {k: v.detach().cpu().double() for k, v in values.items()}, rows
 
@@ -187,19 +192,35 @@ def likelihood_pass(model, examples: list[dict], iw_samples: int, seed: int, dev
 def likelihood_metrics(model, cfg, vocab, split: str, iw_samples: int, seed: int, device,
                        token_budget: int = TOKEN_BUDGET, max_documents: Optional[int] = None,
                        progress: bool = False) -> tuple[dict, list[dict]]:
-    """This rank's share of `split` (of its first `max_documents` by content hash) -> (metrics over
-    the whole split, this rank's document rows)."""
-    from trace_dist.data import eval_loader
+    """This rank's share of `split` (of its first `max_documents` by content hash, over every source) ->
+    (metrics over the whole split, with `sources`: {name: the same metrics of that source's documents}
+    for each source of data.sources() that has documents; this rank's document rows). A single
+    prepared set is its own only source."""
+    from trace_dist.data import eval_loaders
 
     rank, world = _world()
-    loader = eval_loader(cfg.data, vocab, split, cfg.eval.batch_size, rank, world, conditional=cfg.model.conditional)
-    examples = [ex for batch in loader for ex in single_examples(batch)]
+    examples: list[tuple[str, dict]] = []                                   # (source name, trimmed document)
+    for name, loader in eval_loaders(cfg.data, vocab, split, cfg.eval.batch_size, rank, world,
+                                     conditional=cfg.model.conditional):
+        examples += [(name, ex) for batch in loader for ex in single_examples(batch)]
     if max_documents is not None:
-        examples = [examples[i] for i in first_documents([example_key(ex) for ex in examples], max_documents)]
-    sums, my_rows = likelihood_pass(model, examples, iw_samples, seed, device, token_budget, progress)
-    rows = sorted(all_gather_list(my_rows), key=lambda r: r["key"])
+        examples = [examples[i] for i in first_documents([example_key(ex) for _, ex in examples], max_documents)]
     kl_floor = model.latent.kl_floor if model.has_latent else 0.0
-    return finish_likelihood(all_reduce_named(sums), rows, kl_floor, cfg.eval.au_delta, seed), my_rows
+    finish = lambda sums, rows: finish_likelihood(sums, sorted(rows, key=lambda r: r["key"]), kl_floor,  # noqa: E731
+                                                  cfg.eval.au_delta, seed)
+    pooled, all_rows, my_rows, per_source = None, [], [], {}
+    for name in [s.name for s in cfg.data.sources()]:                     # the same order on every rank
+        sums, rows = likelihood_pass(model, [ex for n, ex in examples if n == name], iw_samples, seed, device,
+                                     token_budget, progress)
+        sums, gathered = all_reduce_named(sums), all_gather_list(rows)
+        pooled = sums if pooled is None else {k: v + sums[k] for k, v in pooled.items()}
+        all_rows, my_rows = all_rows + gathered, my_rows + rows
+        if sums["num_examples"] > 0:
+            per_source[name] = (sums, gathered)
+    out = finish(pooled, all_rows)
+    # one source: its figures are the pooled ones (not computed twice)
+    out["sources"] = {name: finish(*parts) if len(per_source) > 1 else dict(out) for name, parts in per_source.items()}
+    return out, my_rows
 
 
 def mi_noise(keys: list[int], seed: int, shape: tuple) -> torch.Tensor:
@@ -225,6 +246,12 @@ def finish_likelihood(s: dict[str, torch.Tensor], rows: list[dict], kl_floor: fl
     n = float(s["num_examples"])
     out = metrics.iw_from_sums({k: s[k] for k in ("log_px", "num_tokens", "num_examples")})
     out.update(elbo=-(float(s["rec"]) + float(s["kl"])) / n, rec=float(s["rec"]) / n, kl=float(s["kl"]) / n)
+    # per byte / per word of the text: the same numerators (separators and eos included)
+    num_bytes, num_words = float(s["num_bytes"]), float(s["num_words"])
+    iw = metrics.per_text(-float(s["log_px"]), num_bytes, num_words)
+    bound = metrics.per_text(float(s["rec"]) + float(s["kl"]), num_bytes, num_words)
+    out.update(bpb_iw=iw["bpb"], word_ppl_iw=iw["word_ppl"], bpb_elbo=bound["bpb"], word_ppl_elbo=bound["word_ppl"],
+               num_bytes=int(num_bytes), num_words=int(num_words))
     count = s["seg_count"]
     used = int((count > 0).sum())
     out["kl_per_segment"] = (s["kl_per_segment"][:used] / count[:used]).tolist()
@@ -349,6 +376,7 @@ def evaluate(args, extra: list[str]) -> Optional[dict]:
                                           args.max_documents, progress)
     generated = generation_pass(model, my_rows, cfg, num_samples, seed, info.device, tokenizer, progress)
     results.update(generated["metrics"])
+    sources = results.pop("sources")
     if not info.is_main:
         return None
     data_manifest = manifest(cfg.data.path)
@@ -361,9 +389,13 @@ def evaluate(args, extra: list[str]) -> Optional[dict]:
                      "generation_batch_size": cfg.eval.batch_size},
         "tokenization": metrics.TOKENIZATION,
         "token_count": "decoder-predicted tokens: segment tokens incl. each sep and the final eos; no bos/prompt",
+        "text_count": "bpb_*: NLL in bits per UTF-8 byte, word_ppl_*: exp(NLL per whitespace word) of the text "
+                      "scored (num_bytes, num_words; the target only); every sep and eos stays in the NLL, so "
+                      "they compare across data.segment",
         "mi": "He et al. MI of the first segment's innovation u_1 over all documents; mi_per_segment[k]: "
               "of u_k over the documents that have segment k (positions at least two documents have)",
         "data_manifest_sha256": hashlib.sha256(json.dumps(data_manifest, sort_keys=True).encode()).hexdigest(),
+        "sources": sources,
         "config": cfg.model_dump(mode="json"),
         "samples": generated["samples"][:20],
     }
@@ -378,6 +410,9 @@ def evaluate(args, extra: list[str]) -> Optional[dict]:
         step = _checkpoint_step(args.checkpoint)
         tb = TensorBoard(run_dir_of(args.checkpoint) / "tensorboard" / "eval")
         tb.scalars({k: v for k, v in results.items() if isinstance(v, (int, float))}, step, prefix=f"eval/{split}/")
+        for name, figures in sources.items() if len(sources) > 1 else ():
+            tb.scalars({k: v for k, v in figures.items() if isinstance(v, (int, float))}, step,
+                       prefix=f"eval/{split}/{name}/")
         tb.text(f"eval/{split}", markdown_table(results), step)
         tb.close()
     print(markdown_table(results))

@@ -69,6 +69,20 @@ def iw_nll(log_weights: torch.Tensor, num_tokens: torch.Tensor) -> dict[str, flo
     return iw_from_sums(iw_sums(log_weights, num_tokens))
 
 
+def per_text(nll: float, num_bytes: float, num_words: float) -> dict[str, float]:
+    """A summed NLL (nats) -> bits per UTF-8 byte and perplexity per whitespace word of the text.
+
+    Segmentation-fair: `nll` keeps every separator's and the eos's log-probability (the
+    segmentation is a function of the text), only the normaliser changes, so the figures compare
+    across data.segment, where the per-token ones do not (a shorter segment adds a `sep` the model
+    predicts almost for free). The byte and word counts are the batch's `num_bytes`/`num_words`
+    summed: those of the text the model scored.
+    """
+    if num_bytes <= 0 or num_words <= 0:
+        raise ValueError(f"per-text metrics need bytes and words (got {num_bytes:g} bytes, {num_words:g} words)")
+    return {"bpb": nll / math.log(2.0) / num_bytes, "word_ppl": math.exp(nll / num_words)}
+
+
 # --------------------------------------------------------------------------------------------
 # Mutual information I_q(x; z) (aggregate-posterior estimator)
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Validation during training: loss, reconstruction, KL (per segment position), the PPL bound, and a few
-generated samples with their diversity.
+"""Validation during training: loss, reconstruction, KL (per segment position), the PPL bound, the
+bound in bits per byte (`val_bpb`) and per word (`val_word_ppl`), and a few generated samples with their
+diversity.
 
 Collective: every rank evaluates `train.eval_batches` micro-batches of its part of the valid split
 (named sums, one reduction) and generates the same samples (ZeRO-3 needs every rank in each
@@ -15,6 +16,7 @@ import torch
 
 from trace_dist.config import TraceConfig
 from trace_dist.distributed import DistInfo, accumulate, all_reduce_named
+from trace_dist.metrics import per_text
 
 
 def step_seed(seed: int, rank: int, position: int) -> int:
@@ -63,10 +65,12 @@ class Validator:
             out = self.engine(to_device(batch, d.device), beta=1.0, free_bits=0.0)
             accumulate(sums, {"rec": out.rec_sum, "kl": out.kl_sum, "tokens": out.num_tokens,
                               "examples": out.num_examples, "kl_per_segment": out.kl_per_segment_sum,
-                              "segments": out.seg_count})
+                              "segments": out.seg_count, "bytes": batch["num_bytes"].sum(),
+                              "words": batch["num_words"].sum()})
         s = all_reduce_named(sums)
         tokens, examples = max(s["tokens"].item(), 1e-9), max(s["examples"].item(), 1e-9)
         rec, kl = s["rec"].item(), s["kl"].item()
+        text = per_text(rec + kl, max(s["bytes"].item(), 1e-9), max(s["words"].item(), 1e-9))
         latent = self.engine.module.latent
         metrics = {
             "val_loss": (rec + kl) / tokens,  # the per-token negative ELBO
@@ -74,6 +78,9 @@ class Validator:
             "val_kl": kl / examples,
             "val_elbo": -(rec + kl) / examples,
             "val_ppl_bound": math.exp((rec + kl) / tokens),
+            # the same bound per byte and per word of the text: comparable across data.segment
+            "val_bpb": text["bpb"],
+            "val_word_ppl": text["word_ppl"],
             "kl_floor": 0.0 if latent is None else latent.kl_floor,  # per segment, nats
             "val_examples": s["examples"].item(),
         }

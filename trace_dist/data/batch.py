@@ -13,6 +13,7 @@ so one prepared dataset serves every segmentation (Ray Tune sweeps N without re-
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -63,6 +64,8 @@ class Layout:
             seg_ids.append(np.full(len(prompt) + 1, -1))
             budget -= len(prompt) + 1
         segments = self.segments(record)
+        starts = np.cumsum([0] + [len(s) for s in segments[:-1]])  # each segment's first token in record.ids
+        spans = []  # (start, end) in record.ids of the tokens kept
         kept = segments[: cfg.max_segments]
         self.cut["segments"] += len(segments) - len(kept)
         self.cut["tokens"] += sum(len(s) for s in segments[len(kept):])
@@ -76,11 +79,63 @@ class Layout:
             self.cut["tokens"] += max(len(seg) - room, 0)
             parts.append(np.append(seg[:room], vocab.sep))
             seg_ids.append(np.full(min(len(seg), room) + 1, k))
+            spans.append((starts[k], starts[k] + min(len(seg), room)))
             budget -= min(len(seg), room) + 1
         parts[-1][-1] = vocab.eos  # the last segment closes with eos (records are never empty)
-        # Normalisers come from the stored text, not the tokens, so they do not depend on data.segment.
+        num_bytes, num_words = self.normalisers(record, spans)
         return Example(np.concatenate(parts).astype(np.int64), np.concatenate(seg_ids).astype(np.int64), len(kept),
-                       len(record.text.encode("utf-8")), len(record.text.split()), self.source)
+                       num_bytes, num_words, self.source)
+
+    def normalisers(self, record: Record, spans: list[tuple[int, int]]) -> tuple[int, int]:
+        """(UTF-8 bytes, whitespace words) of the part of the stored text that the kept token spans cover.
+
+        They come from the text, not the tokens, so they do not depend on data.segment. A document
+        the limits cut counts only the text the model scores: the byte-level BPE maps every token to
+        a fixed byte string whose concatenation is the text (tokenizer.py), so token byte lengths
+        place the spans in the text's bytes; adjacent spans merge first, so a word that a segment
+        boundary splits counts once. Uncut documents (the usual case) skip all that.
+        """
+        data = record.text.encode("utf-8")
+        if sum(e - s for s, e in spans) == len(record.ids):
+            return len(data), len(record.text.split())
+        # [n + 1] byte offsets from the text's start (a text that `prepare` cut inside a multi-byte
+        # character keeps the whole character, past the last token: the offsets still hold)
+        offsets = np.concatenate([[0], np.cumsum(self.token_bytes()[record.ids])])
+        runs: list[list[int]] = []
+        for s, e in spans:
+            if runs and runs[-1][1] == s:
+                runs[-1][1] = e
+            else:
+                runs.append([s, e])
+        pieces = [data[offsets[s]:offsets[e]] for s, e in runs]
+        # a cut inside a multi-byte character leaves a partial character: neither a word nor a space
+        return sum(len(p) for p in pieces), sum(len(p.decode("utf-8", errors="ignore").split()) for p in pieces)
+
+    def token_bytes(self) -> np.ndarray:
+        """int64 [vocab size]: UTF-8 bytes of each token of the data's tokenizer (0 for special tokens)."""
+        return token_byte_lengths(self.cfg.sources()[self.source].path)
+
+
+@functools.lru_cache(maxsize=4)
+def token_byte_lengths(path: str) -> np.ndarray:
+    """int64 [vocab size]: bytes of each token of the byte-level BPE tokenizer of the prepared set at `path`
+    (verified against its manifest); loaded once per process, when a limit first cuts a document."""
+    from tokenizers import pre_tokenizers
+
+    from trace_dist.data.integrity import DataError, data_tokenizer
+    from trace_dist.vocab import SPECIAL_TOKENS
+
+    tokenizer = data_tokenizer(path)
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())  # one character per byte
+    lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+    for token, i in tokenizer.get_vocab().items():
+        if token in SPECIAL_TOKENS:
+            continue
+        if not set(token) <= alphabet:
+            raise DataError(f"{path}: the tokenizer is not byte-level BPE (token {token!r}), so the bytes of a "
+                            "cut document cannot be counted")
+        lengths[i] = len(token)
+    return lengths
 
 
 def collate(examples: list[Example | None], vocab: Vocab, bad_samples: int) -> dict[str, torch.Tensor]:
