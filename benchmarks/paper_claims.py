@@ -78,7 +78,7 @@ SMOKE_GROUPS = 2
 
 # (column, key, format): the table. Text metrics at temperature 1.0; MI/seg: mean over segment positions,
 # weighted by the documents reaching each.
-COLUMNS = [("NLL bits/byte", "nll_bits_per_byte", ".3f"), ("PPL (IW)", "ppl_iw", ".1f"), ("KL", "kl", ".2f"),
+COLUMNS = [("NLL bits/byte", "bpb_iw", ".3f"), ("PPL (IW)", "ppl_iw", ".1f"), ("KL", "kl", ".2f"),
            ("floor/seg", "kl_floor", ".2f"), ("MI/seg", "mi_seg_mean", ".3f"), ("AU", "au", ".0f"),
            ("BLEU-4 @1", "bleu_4@1.0", ".4f"), ("Self-BLEU-4 @1", "self_bleu_4@1.0", ".4f"),
            ("Dist-2 @1", "distinct_2@1.0", ".3f"), ("train tok/s", "tokens_per_s", ".0f")]
@@ -130,15 +130,6 @@ def steady_tokens_per_s(metrics_file: Path) -> float:
     return statistics.median(rates[len(rates) // 2:])
 
 
-def test_bytes(tokenizer, rows: list[dict]) -> int:
-    """UTF-8 bytes of the scored test text: every row's predicted tokens decoded (byte-level BPE
-    decodes to the original text; truncated documents count only what was scored). Stands in for
-    the data helper's `num_bytes` batch key until that is merged."""
-    from trace_dist.evaluate import text_of
-
-    return sum(len(text_of(tokenizer, r["text"]).encode("utf-8")) for r in rows)
-
-
 def mi_with_bootstrap(rows: list[dict], seed: int, replicates: int) -> tuple[float, list[float]]:
     """MI per segment, summarised over positions weighted by how many documents reach each (a
     position few documents reach is mostly estimator noise), on the test documents and on
@@ -179,9 +170,6 @@ def evaluate_run(run: Path, data: Path, seed: int, temperatures, groups: int) ->
     model, cfg, tokenizer, vocab = load_for_inference(run, [f"data.path={data}", "generation.top_p=1.0"])
     device = torch.device("cpu")
     out, rows = likelihood_metrics(model, cfg, vocab, "test", cfg.eval.iw_samples, seed, device)
-    total_nats = out["nll_iw_per_example"] * out["num_examples"]
-    out["num_bytes"] = test_bytes(tokenizer, rows)
-    out["nll_bits_per_byte"] = total_nats / math.log(2) / out["num_bytes"]
     segs = out["kl_per_segment"]
     out["kl_seg_min"] = min(segs) if segs else 0.0
     if "mi_per_segment" in out:
@@ -379,7 +367,7 @@ def judge_claims(rows: list[dict], speed: dict | None = None, replicates: int = 
                                  + f"; CI excludes 0 for: {', '.join(sorted(informative)) or 'none'}"}
     # (b) TRACE's diversity-quality frontier lies above every baseline's, on both diversity metrics.
     comparisons, table, holds_b = [], {}, TRACE_MAIN in ok
-    nll = {m: scalar_ci(rows, m, "nll_bits_per_byte", replicates) for m in ok}
+    nll = {m: scalar_ci(rows, m, "bpb_iw", replicates) for m in ok}
     for base in [m for m in MODELS if m in ok and m not in TRACE_MODELS + ("TRACE-paper",)]:
         if TRACE_MAIN not in ok:
             break
@@ -456,7 +444,7 @@ def plot_frontiers(rows: list[dict], path: Path) -> None:
     temps = [f["temperature"] for f in ok[0]["frontier"]] if ok else []
     for i, name in enumerate(dict.fromkeys(r["model"] for r in ok)):
         rs = [r for r in ok if r["model"] == name]
-        nll = np.mean([r["nll_bits_per_byte"] for r in rs])
+        nll = np.mean([r["bpb_iw"] for r in rs])
         for row_i, (key, label, lower) in enumerate(DIVERSITY):
             ys = curve(rs, key)
             style = {"marker": "osD^v<>ph"[i % 9], "color": f"C{i}", "label": name, "ms": 4}
@@ -655,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
             row = train_and_eval(name, seed, args, extra)
             rows.append(row)
             show = {k: (round(row[k], 4) if isinstance(row.get(k), float) else row.get(k))
-                    for k in ("nll_bits_per_byte", "kl", "mi_seg_mean", "self_bleu_4@1.0", "distinct_2@1.0",
+                    for k in ("bpb_iw", "kl", "mi_seg_mean", "self_bleu_4@1.0", "distinct_2@1.0",
                               "train_wall_s", "eval_wall_s")}
             print(f"[claims] {name} seed {seed}: {row['status'][:200]} {show}", flush=True)
     wall = time.perf_counter() - t_start

@@ -387,7 +387,7 @@ def test_num_bytes_and_num_words_are_the_documents_own(tmp_path_factory, segment
     for conditional in (False, True):
         path = data / ("pairs" if conditional else "plain")
         docs = list(records(path, "train", conditional=conditional))
-        batch = next(iter(eval_loader(cfg_for(path, segment=segment, max_segments=4, max_tokens=64), vocab,
+        batch = next(iter(eval_loader(cfg_for(path, segment=segment), vocab,
                                       "train", len(docs) + 3, 0, 1, conditional=conditional)))
         n = len(docs)  # the target text only: the prompt is not part of the document
         assert batch["num_bytes"].tolist() == [len(r.text.encode("utf-8")) for r in docs] + [0] * 3

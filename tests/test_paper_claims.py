@@ -70,7 +70,7 @@ def synthetic_runs(model: str, self_bleu_shift: float, noise: float, seed: int, 
                  "distinct_2": 0.9 - 0.2 * c - self_bleu_shift - seed_offset + rng.normal(0, noise)}
                 for _ in range(groups)]})
         runs.append({"model": model, "seed": s + 1, "status": "ok", "frontier": frontier, "kl": 40.0,
-                     "kl_seg_min": 4.5, "kl_floor": 4.0, "nll_bits_per_byte": nll + rng.normal(0, 0.01),
+                     "kl_seg_min": 4.5, "kl_floor": 4.0, "bpb_iw": nll + rng.normal(0, 0.01),
                      "mi_seg_mean": mi, "mi_boot": list(mi + rng.normal(0, 0.02, 50))})
     return runs
 
@@ -247,7 +247,7 @@ def test_smoke_study_end_to_end(tmp_path, tiny_data):
     assert lm["kl"] == 0 and trace["tokens_per_s"] > 0
     # per-byte NLL: same test bytes for every model; bits/byte = nats / ln 2 / bytes
     assert trace["num_bytes"] == lm["num_bytes"] > 0
-    assert lm["nll_bits_per_byte"] == pytest.approx(
+    assert lm["bpb_iw"] == pytest.approx(
         lm["nll_iw_per_example"] * lm["num_examples"] / np.log(2) / lm["num_bytes"])
     # every model sampled at every temperature, in groups; MI with its bootstrap replicates
     for r in (trace, lm):

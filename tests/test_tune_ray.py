@@ -63,9 +63,9 @@ def test_grid_search_survives_a_worker_failure_and_its_best_config_trains(tiny_d
     assert len(rows) == 4 and {r["status"] for r in rows} == {"completed"}
     assert {(r["data.segment"], float(r["kl.beta"])) for r in rows} == \
         {(s, b) for s in ("fixed:8", "fixed:16") for b in (0.5, 1.0)}
-    for r in rows:  # the objective is val_ppl_bound, exp of the per-token negative ELBO
-        assert float(r["objective"]) == float(r["val_ppl_bound"]) == pytest.approx(2.718281828 ** float(r["val_loss"]),
-                                                                                     rel=1e-4)
+    for r in rows:  # the objective is val_bpb (bits/byte of the bound); val_ppl_bound is exp of the per-token loss
+        assert float(r["objective"]) == float(r["val_bpb"])
+        assert float(r["val_ppl_bound"]) == pytest.approx(2.718281828 ** float(r["val_loss"]), rel=1e-4)
     best = min(rows, key=lambda r: float(r["objective"]))
     assert json.loads((out / "results.json").read_text())["best_trial"] == best["trial"]
     assert any(line.split()[:3] == ["trial", "status", "step"] for line in proc.stdout.splitlines())  # the table
@@ -195,7 +195,7 @@ def test_quick_search_optuna_asha_pareto_and_only_loopback_sockets(tiny_data, tm
     assert all(t["step"] >= 8 for t in trials) and any(t["status"] == "completed" for t in trials)
 
     # A real Pareto plot: every trial reported finite diversity of its prior samples.
-    plotted = [t for t in trials if all(math.isfinite(t["metrics"].get(k, math.nan)) for k in ("val_ppl_bound", "distinct_2"))]
+    plotted = [t for t in trials if all(math.isfinite(t["metrics"].get(k, math.nan)) for k in ("val_bpb", "distinct_2"))]
     assert len(plotted) >= 2 and any(t["pareto"] for t in plotted), trials
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     # The table carries every validation metric the trainer reported, the KL floor among them.

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "--output", str(run / "samples_prior.jsonl")])
 
     m = json.loads(metrics_file.read_text())["metrics"]
-    keys = ["ppl_iw", "nll_iw", "elbo", "rec", "kl", "kl_floor", "mi", "au", "bleu_4", "self_bleu_4",
+    keys = ["ppl_iw", "bpb_iw", "nll_iw", "elbo", "rec", "kl", "kl_floor", "mi", "au", "bleu_4", "self_bleu_4",
             "distinct_2", "len_mean"]
     print("\n=== test metrics (" + str(metrics_file) + ")")
     for k in keys:

@@ -35,6 +35,7 @@ from trace_dist.config import TraceConfig, load_config
 from trace_dist.data import tokens_by_source
 from trace_dist.distributed import DistInfo, accumulate, all_reduce_named, all_reduce_sum, init_distributed
 from trace_dist.engine import build_engine
+from trace_dist.metrics import per_text
 from trace_dist.errors import UserError
 from trace_dist.launch import follow_wrapper
 from trace_dist.runlock import RunLock
@@ -181,6 +182,7 @@ class Trainer:
             out, batch = self._forward(next(batches), beta)
             accumulate(counts, {k: v for k, v in batch.items() if k == "bad_samples" or k.startswith("cut_")})
             if all_reduce_sum(torch.tensor([float(not torch.isfinite(out.loss))])).item() == 0:
+                accumulate(counts, {"bytes": batch["num_bytes"].sum(), "words": batch["num_words"].sum()})
                 if len(self.sources) > 1:  # a mixture: the tokens each source contributed
                     accumulate(counts, tokens_by_source(batch, self.sources))
                 return out, counts
@@ -226,6 +228,8 @@ class Trainer:
         }
         record.update({f"data/{k}": v.item() for k, v in s.items() if k.startswith("cut_")})
         record.update({k: v.item() for k, v in s.items() if k.startswith("data/tokens/")})
+        # the per-byte / per-word negative ELBO at beta = 1 (segmentation-fair: docs/eval.md)
+        record.update(per_text(s["rec"].item() + s["kl"].item(), max(s["bytes"].item(), 1.0), max(s["words"].item(), 1.0)))
         record.update(per_segment(segment_means(s["kl_per_segment"], s["segments"])))
         record.update({f"aux/{k}": float(v.detach()) for k, v in out.aux.items()})
         return record
