@@ -23,7 +23,6 @@ if not torch.cuda.is_available():
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # dist_utils.run_ranks: N gloo ranks in spawned processes
 
 
 def pin_threads(n: int) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +42,10 @@ from trace_dist.config import load_config
 from trace_dist.data import eval_loader, load_tokenizer, train_loader
 from trace_dist.distributed import free_port
 from trace_dist.model import TRACE
+
+# the batch-1 side is the tests' oracle for batched evaluation: one copy, kept with the tests
+sys.path.insert(0, str(common.REPO / "tests"))
+from eval_reference import likelihood_pass_batch1  # noqa: E402
 
 SMOKE = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.latent_size=8"]
 
@@ -116,8 +121,6 @@ def main() -> None:
         tokenizer, vocab = load_tokenizer(data)
         model, train_tps = train_throughput(cfg, vocab, args.train_steps, args.warmup)
         export_dir = export(model, cfg, tokenizer, tmp / "export")
-
-        from eval_reference import likelihood_pass_batch1
 
         model, cfg, _, vocab = load_for_inference(export_dir)
         examples = [ex for b in eval_loader(cfg.data, vocab, "test", cfg.eval.batch_size, 0, 1)
