@@ -32,6 +32,7 @@ import io
 import itertools
 import logging
 import math
+from collections import Counter
 from typing import Iterator
 
 import numpy as np
@@ -197,9 +198,10 @@ class TrainChunks(IterableDataset):
             bad += n_bad
             for slot, i in zip(slots, np.random.default_rng(seed).permutation(len(pool))):
                 examples[slot] = layout.example(pool[i])
+        cut = sum((layout.take_cut() for layout in self.layouts), Counter())
         mbs = self.micro_batch_size
-        return [collate(examples[j * mbs:(j + 1) * mbs], self.vocab, bad if j == 0 else 0)
-                for j in range(self.chunk_batches)]
+        first = collate(examples[:mbs], self.vocab, bad, cut)  # the chunk's counts go with its first batch
+        return [first] + [collate(examples[j * mbs:(j + 1) * mbs], self.vocab, 0) for j in range(1, self.chunk_batches)]
 
     def __iter__(self) -> Iterator[list[dict[str, torch.Tensor]]]:
         worker, num_workers = _worker()
@@ -275,10 +277,10 @@ class EvalBatches(IterableDataset):
                 bad += record is None
                 slots.append(record and self.layout.example(record))
                 if len(slots) == self.batch_size:
-                    yield collate(slots, self.vocab, bad)
+                    yield collate(slots, self.vocab, bad, self.layout.take_cut())
                     slots, bad = [], 0
         if slots:
-            yield collate(slots + [None] * (self.batch_size - len(slots)), self.vocab, bad)
+            yield collate(slots + [None] * (self.batch_size - len(slots)), self.vocab, bad, self.layout.take_cut())
 
 
 class EvalLoader:
