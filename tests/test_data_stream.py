@@ -163,6 +163,27 @@ def corrupt(data, tmp_path):
     return bad
 
 
+def test_bad_shards_found_in_loader_workers_are_named_in_tensorboard(tiny_data, tmp_path, caplog):
+    """A shard a DataLoader worker finds bad reaches the training process's log and, through the
+    RunLog, TensorBoard text `data/bad_shards` (at the step being read)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trace_dist.config import load_config
+    from trace_dist.runlog import RunLog
+
+    _, vocab = load_tokenizer(tiny_data)
+    cfg = load_config(["configs/tiny.yaml"], [f"train.output_dir={tmp_path / 'run'}", "train.progress=false"])
+    log = RunLog(cfg, is_main=True, start_step=4)
+    bad = cfg_for(corrupt(tiny_data, tmp_path), max_bad_fraction=1.0, num_workers=2)
+    list(eval_loader(bad, vocab, "valid", 8, 0, 1))
+    log.close()
+    assert "valid-000000.tar" in caplog.text  # the log's handlers still get it: the RunLog only listens
+    ea = EventAccumulator(str(cfg.tensorboard_dir), size_guidance={"tensors": 0})
+    ea.Reload()
+    events = ea.Tensors("data/bad_shards/text_summary")  # one per worker that read the shard
+    assert events and all(e.step == 5 and "valid-000000.tar" in e.tensor_proto.string_val[0].decode()
+                          for e in events)
+
 def test_corrupt_shards_and_samples_are_skipped_and_counted(tiny_data, tmp_path, caplog):
     _, vocab = load_tokenizer(tiny_data)
     bad = corrupt(tiny_data, tmp_path)
