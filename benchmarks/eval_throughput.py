@@ -97,21 +97,19 @@ def whole_eval(export_dir: Path, iw: int, num_samples: int, extra: list[str]) ->
 
 def main() -> None:
     ap = common.arg_parser(__doc__, smoke="a 1-layer model, 8 documents, seconds (the tests)",
-                           quick="fewer training steps and repeats")
-    ap.add_argument("--threads", type=int, default=2)
+                           quick="fewer training steps and repeats", threads=2)
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--iw-samples", type=int, default=10)
     ap.add_argument("--num-samples", type=int, default=100)
-    args = ap.parse_args()
+    args = common.parse(ap)
     if args.quick:
         args.train_steps, args.repeats = 15, 2
     overrides, extra = [], []
     if args.smoke:
         args.train_steps, args.warmup, args.repeats, args.iw_samples, args.num_samples = 2, 1, 1, 2, 4
         overrides, extra = SMOKE, ["--max-documents", "8", "generation.max_new_tokens=8"]
-    common.pin_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
