@@ -23,7 +23,6 @@ if not torch.cuda.is_available():
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # dist_utils.run_ranks: N gloo ranks in spawned processes
 
 
 def pin_threads(n: int) -> None:
@@ -32,14 +31,25 @@ def pin_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def arg_parser(doc: str, smoke: str, quick: str | None = None) -> argparse.ArgumentParser:
-    """A benchmark's parser with its size switches: --smoke (the tests), --quick (run_all.py --quick)."""
+def arg_parser(doc: str, smoke: str, quick: str | None = None, threads: int | None = None) -> argparse.ArgumentParser:
+    """A benchmark's parser with its size switches: --smoke (the tests), --quick (run_all.py --quick),
+    and, given a default, --threads (read it with `parse`, which pins it)."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--smoke", action="store_true", help=smoke)
     if quick is not None:
         size.add_argument("--quick", action="store_true", help=quick)
+    if threads is not None:
+        ap.add_argument("--threads", type=int, default=threads, help="torch intra-op threads for everything measured")
     return ap
+
+
+def parse(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """ap.parse_args(argv), then pin_threads(--threads) where the parser has it."""
+    args = ap.parse_args(argv)
+    if getattr(args, "threads", None) is not None:
+        pin_threads(args.threads)
+    return args
 
 
 def prepare_pydoc(out: Path) -> Path:

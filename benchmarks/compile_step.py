@@ -23,11 +23,9 @@ from compute_efficiency import full_batch
 
 
 def main(argv=None) -> dict:
-    ap = common.arg_parser(__doc__, smoke="tests: a 1-layer model, T 64, 2 repeats")
-    ap.add_argument("--threads", type=int, default=1)
+    ap = common.arg_parser(__doc__, smoke="tests: a 1-layer model, T 64, 2 repeats", threads=1)
     ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args(argv)
-    common.pin_threads(args.threads)
+    args = common.parse(ap, argv)
     import deepspeed
 
     from trace_dist.compile import compile_engine

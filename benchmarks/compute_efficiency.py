@@ -124,11 +124,9 @@ def profile_split(step) -> dict[str, float]:
 
 
 def main(argv=None) -> dict:
-    ap = common.arg_parser(__doc__, smoke="tests: a 2x64 model, T 64", quick="fewer repeats")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (matmuls and model)")
+    ap = common.arg_parser(__doc__, smoke="tests: a 2x64 model, T 64", quick="fewer repeats", threads=1)
     ap.add_argument("--batch", type=int, default=8, help="documents per step")
-    args = ap.parse_args(argv)
-    common.pin_threads(args.threads)
+    args = common.parse(ap, argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.smoke:

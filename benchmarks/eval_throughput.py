@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +42,10 @@ from trace_dist.config import load_config
 from trace_dist.data import eval_loader, load_tokenizer, train_loader
 from trace_dist.distributed import free_port
 from trace_dist.model import TRACE
+
+# the batch-1 side is the tests' oracle for batched evaluation: one copy, kept with the tests
+sys.path.insert(0, str(common.REPO / "tests"))
+from eval_reference import likelihood_pass_batch1  # noqa: E402
 
 SMOKE = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.latent_size=8"]
 
@@ -92,21 +97,19 @@ def whole_eval(export_dir: Path, iw: int, num_samples: int, extra: list[str]) ->
 
 def main() -> None:
     ap = common.arg_parser(__doc__, smoke="a 1-layer model, 8 documents, seconds (the tests)",
-                           quick="fewer training steps and repeats")
-    ap.add_argument("--threads", type=int, default=2)
+                           quick="fewer training steps and repeats", threads=2)
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--iw-samples", type=int, default=10)
     ap.add_argument("--num-samples", type=int, default=100)
-    args = ap.parse_args()
+    args = common.parse(ap)
     if args.quick:
         args.train_steps, args.repeats = 15, 2
     overrides, extra = [], []
     if args.smoke:
         args.train_steps, args.warmup, args.repeats, args.iw_samples, args.num_samples = 2, 1, 1, 2, 4
         overrides, extra = SMOKE, ["--max-documents", "8", "generation.max_new_tokens=8"]
-    common.pin_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -116,8 +119,6 @@ def main() -> None:
         tokenizer, vocab = load_tokenizer(data)
         model, train_tps = train_throughput(cfg, vocab, args.train_steps, args.warmup)
         export_dir = export(model, cfg, tokenizer, tmp / "export")
-
-        from eval_reference import likelihood_pass_batch1
 
         model, cfg, _, vocab = load_for_inference(export_dir)
         examples = [ex for b in eval_loader(cfg.data, vocab, "test", cfg.eval.batch_size, 0, 1)

@@ -34,7 +34,7 @@ import time
 import traceback
 from pathlib import Path
 
-import common  # first: pins threads, DS_ACCELERATOR on CPU, tests/ on sys.path
+import common  # first: pins threads, DS_ACCELERATOR on CPU
 import torch
 
 from compute_efficiency import full_batch

@@ -47,11 +47,9 @@ def clone_with_grads(params: list[torch.Tensor]) -> list[torch.nn.Parameter]:
 
 
 def main(argv=None) -> dict:
-    ap = common.arg_parser(__doc__, smoke="tests: a 1-layer model, 3 repeats")
-    ap.add_argument("--threads", type=int, default=1)
+    ap = common.arg_parser(__doc__, smoke="tests: a 1-layer model, 3 repeats", threads=1)
     ap.add_argument("--repeats", type=int, default=20)
-    args = ap.parse_args(argv)
-    common.pin_threads(args.threads)
+    args = common.parse(ap, argv)
     repeats = 3 if args.smoke else args.repeats
     base = params_of_quickstart(args.smoke)
     hp = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)

@@ -76,18 +76,16 @@ def bare_run(cfg, vocab) -> list[tuple[float, int]]:
 
 def main(argv=None) -> dict:
     ap = common.arg_parser(__doc__, smoke="tests: configs/tiny.yaml model, a few steps",
-                           quick="fewer steps and repeats")
+                           quick="fewer steps and repeats", threads=1)
     ap.add_argument("--steps", type=int, help="steps per run (default 20; quick 12; smoke 4)")
     ap.add_argument("--warmup", type=int, help="steps excluded at the start of each run (default 3; smoke 1)")
     ap.add_argument("--repeats", type=int, help="runs of each (default 6; quick 4; smoke 1)")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both sides)")
-    args = ap.parse_args(argv)
+    args = common.parse(ap, argv)
     steps = args.steps or (4 if args.smoke else 12 if args.quick else 20)
     warmup = args.warmup or (1 if args.smoke else 3)
     repeats = args.repeats or (1 if args.smoke else 4 if args.quick else 6)
     if not 1 <= warmup < steps - 1:
         ap.error("need 1 <= --warmup < --steps - 1")
-    common.pin_threads(args.threads)
     config = "configs/tiny.yaml" if args.smoke else "configs/quickstart.yaml"
 
     with tempfile.TemporaryDirectory() as tmp:

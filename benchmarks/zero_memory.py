@@ -30,8 +30,10 @@ import tempfile
 import threading
 from pathlib import Path
 
-import common  # first: pins threads, DS_ACCELERATOR, tests/ on sys.path
+import common  # first: pins threads, DS_ACCELERATOR
 import torch
+
+from trace_dist.spawn import run_ranks
 
 # key -> (ZeRO stage, zero_optimization patch): the four stages as ds_config.json has them, then two
 # variants that show what the knobs named in docs/scaling.md change.
@@ -196,7 +198,6 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.steps < 2:
         ap.error("--steps must be >= 2 (warm-up, then the counted step)")
-    from dist_utils import run_ranks
 
     model = (["model.n_layer=2", "model.n_embd=64", "model.n_head=2"] if args.smoke
              else ["model.n_embd=256", "model.n_head=4"]) + [f"precision={args.precision}"]

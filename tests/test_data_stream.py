@@ -76,7 +76,24 @@ def test_limits_truncate_and_count(tiny_data):
     assert all(b["num_segments"].max() <= 2 and b["tokens"].shape[1] <= 10 for b in batches)
     assert all(torch.bincount(b["seg_ids"][i][b["seg_ids"][i] >= 0]).max() <= 6
                for b in batches for i in range(8) if b["example_mask"][i])
-    assert loader.batches.layout.cut["segments"] > 0 and loader.batches.layout.cut["tokens"] > 0
+    assert sum(int(b["cut_segments"]) for b in batches) > 0 and sum(int(b["cut_tokens"]) for b in batches) > 0
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_every_cut_segment_is_counted_in_the_batches(tiny_data, num_workers):
+    """The segments beyond max_segments reach the batches' cut_segments exactly (also from DataLoader
+    workers); a document's count rides with the batch it lands in (eval) or its chunk's first batch (train)."""
+    _, vocab = load_tokenizer(tiny_data)
+    whole = cfg_for(tiny_data, max_segments=64, max_segment_tokens=64, max_tokens=4096, num_workers=num_workers)
+    cut = whole.model_copy(update={"max_segments": 2})
+    full = list(eval_loader(whole, vocab, "valid", 8, 0, 1))
+    short = list(eval_loader(cut, vocab, "valid", 8, 0, 1))
+    expected = sum(int((b["num_segments"] - 2).clamp(min=0).sum()) for b in full)
+    assert expected > 0 and sum(int(b["cut_segments"]) for b in short) == expected
+    assert all(int(b["cut_segments"]) == 0 for b in full)
+    train = take(train_loader(cut, vocab, 4, 0, 1, seed=3), 6)
+    assert sum(int(b["cut_segments"]) for b in train) > 0
+    assert {k for k in train[0] if k.startswith("cut_")} == {"cut_segments", "cut_tokens", "cut_prompt_tokens"}
 
 
 def test_train_stream_is_a_pure_function_of_seed_rank_step(tiny_data):
@@ -145,6 +162,27 @@ def corrupt(data, tmp_path):
     (bad / "manifest.json").write_text(json.dumps(meta))
     return bad
 
+
+def test_bad_shards_found_in_loader_workers_are_named_in_tensorboard(tiny_data, tmp_path, caplog):
+    """A shard a DataLoader worker finds bad reaches the training process's log and, through the
+    RunLog, TensorBoard text `data/bad_shards` (at the step being read)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trace_dist.config import load_config
+    from trace_dist.runlog import RunLog
+
+    _, vocab = load_tokenizer(tiny_data)
+    cfg = load_config(["configs/tiny.yaml"], [f"train.output_dir={tmp_path / 'run'}", "train.progress=false"])
+    log = RunLog(cfg, is_main=True, start_step=4)
+    bad = cfg_for(corrupt(tiny_data, tmp_path), max_bad_fraction=1.0, num_workers=2)
+    list(eval_loader(bad, vocab, "valid", 8, 0, 1))
+    log.close()
+    assert "valid-000000.tar" in caplog.text  # the log's handlers still get it: the RunLog only listens
+    ea = EventAccumulator(str(cfg.tensorboard_dir), size_guidance={"tensors": 0})
+    ea.Reload()
+    events = ea.Tensors("data/bad_shards/text_summary")  # one per worker that read the shard
+    assert events and all(e.step == 5 and "valid-000000.tar" in e.tensor_proto.string_val[0].decode()
+                          for e in events)
 
 def test_corrupt_shards_and_samples_are_skipped_and_counted(tiny_data, tmp_path, caplog):
     _, vocab = load_tokenizer(tiny_data)

@@ -5,7 +5,9 @@ One name per quantity: a training record's key is its TensorBoard tag under `tra
 metrics.jsonl; a validation metric's key (what Ray Tune receives, and the key in val_metrics.jsonl)
 is `val_<name>` and its tag `val/<name>` (`kl_floor` and the sample diversity keep their own names:
 `val/kl_floor`, `val/distinct_2`). KL per segment position k is `train/kl_per_segment/kk` and
-`val/kl_per_segment/kk`. A resumed run first drops what a killed run logged past the checkpoint.
+`val/kl_per_segment/kk`. The data stream's bad-shard warnings (which name the shard) become
+TensorBoard text `data/bad_shards` at the step whose batches were being read. A resumed run first
+drops what a killed run logged past the checkpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from trace_dist.config import TraceConfig
+from trace_dist.data.stream import log as data_log
 from trace_dist.files import atomic_write
 from trace_dist.tblog import TensorBoard
 
@@ -66,12 +69,20 @@ class RunLog:
                 drop_records_after(cfg.run_dir / name, start_step)
         # events past the resumed step belong to the lost stretch of a killed run: TensorBoard purges them
         self.tb = TensorBoard(cfg.tensorboard_dir, enabled=cfg.tensorboard and is_main, purge_step=start_step + 1)
+        self.next_step = start_step + 1  # the step whose batches the stream is reading
+        data_log.addFilter(self._bad_shard_text)
         self.bar = None
         if cfg.train.progress and is_main:
             from tqdm import tqdm
 
             self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
+    def _bad_shard_text(self, record) -> bool:
+        """A filter on the data stream's logger (not a handler: the record still reaches stderr as
+        before): a bad-shard warning (`extra` bad_shard) also becomes TensorBoard text."""
+        if hasattr(record, "bad_shard"):
+            self.tb.text("data/bad_shards", record.getMessage(), self.next_step)
+        return True
 
     def _jsonl(self, name: str, record: dict) -> None:
         if self.enabled:
@@ -88,6 +99,7 @@ class RunLog:
         """One optimizer step: metrics.jsonl always, TensorBoard every train.log_interval steps."""
         self._jsonl("metrics.jsonl", record)
         step = record["step"]
+        self.next_step = step + 1
         if step % self.cfg.train.log_interval == 0 or step == 1:
             self.tb.scalars({k: v for k, v in record.items() if k != "step"}, step, prefix="train/")
         if self.bar is not None:
@@ -115,6 +127,7 @@ class RunLog:
         self.tb.hparams(self.cfg.flat(), {f"hparams/{k}": v for k, v in final_val.items()}, step)
 
     def close(self) -> None:
+        data_log.removeFilter(self._bad_shard_text)
         if self.bar is not None:
             self.bar.close()
         self.tb.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -36,13 +37,21 @@ class Example:
     source: int = 0  # index of its prepared set in data.sources() (a mixture's)
 
 
+CUT_KINDS = ("segments", "tokens", "prompt_tokens")  # what the length limits drop: a batch's `cut_*` counts
+
+
 class Layout:
     """Applies data.segment and the length limits; counts what the limits cut."""
 
     def __init__(self, cfg: DataConfig, vocab: Vocab, conditional: bool, source: int = 0):
         self.kind, self.length = parse_segment(cfg.segment)
         self.cfg, self.vocab, self.conditional, self.source = cfg, vocab, conditional, source
-        self.cut = Counter()  # segments / tokens dropped by the limits
+        self.cut = Counter()  # CUT_KINDS dropped by the limits since the last take_cut()
+
+    def take_cut(self) -> Counter:
+        """What the limits cut since the previous call (the next batch reports it)."""
+        cut, self.cut = self.cut, Counter()
+        return cut
 
     def segments(self, record: Record) -> list[np.ndarray]:
         """The record's token ids split into segments (content only, no separators)."""
@@ -138,8 +147,11 @@ def token_byte_lengths(path: str) -> np.ndarray:
     return lengths
 
 
-def collate(examples: list[Example | None], vocab: Vocab, bad_samples: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest example; `None` is a padding example (example_mask False)."""
+def collate(examples: list[Example | None], vocab: Vocab, bad_samples: int,
+            cut: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """Pad to the longest example; `None` is a padding example (example_mask False). `bad_samples`
+    and `cut` (by CUT_KINDS) are counts since the previous batch of the stream."""
+    cut = cut or {}
     B = len(examples)
     T = max([len(e.tokens) for e in examples if e is not None] or [1])
     tokens = torch.full((B, T), vocab.pad, dtype=torch.int64)
@@ -169,6 +181,8 @@ def collate(examples: list[Example | None], vocab: Vocab, bad_samples: int) -> d
         "source": source,  # [B] index of its prepared set in data.sources(), -1 for padding
         "example_mask": torch.tensor([e is not None for e in examples], dtype=torch.bool),  # [B]
         "bad_samples": torch.tensor(bad_samples, dtype=torch.int64),  # []
+        # every batch carries every kind, so that all ranks all-reduce the same names
+        **{f"cut_{k}": torch.tensor(cut.get(k, 0), dtype=torch.int64) for k in CUT_KINDS},  # [] each
     }
 
 

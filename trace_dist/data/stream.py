@@ -19,11 +19,13 @@ is seen exactly once, shards need not outnumber ranks x workers, and each rank k
 batch count up front, so it pads with empty batches (example_mask False) to the common maximum.
 
 Corruption: every shard is read whole, hashed as it streams and checked against the manifest's
-sha256 before it is decoded, so a shard that differs in any byte (bit flips, truncation, another dataset's shard) is
-bad as a whole. A shard that cannot be read (after fetch.py's retries) or fails that check, or a sample that fails to decode,
-loses its samples; they are counted (manifest count - readable samples), logged once per shard,
-and reported in the next batch's `bad_samples`. Once more than `max_bad_fraction` of the samples
-seen (after `bad_check_min_samples`) were bad, the stream stops with an error naming the shards.
+sha256 before it is decoded, so a shard that differs in any byte (bit flips, truncation, another
+dataset's shard) is bad as a whole. A shard that cannot be read (after fetch.py's retries) or fails
+that check, or a sample that fails to decode, loses its samples; they are counted (manifest count -
+readable samples), logged once per shard (and worker) by the process that iterates the loader (a
+RunLog also shows the line in TensorBoard as `data/bad_shards`), and reported in the next batch's
+`bad_samples`. Once more than `max_bad_fraction` of the samples seen (after `bad_check_min_samples`)
+were bad, the stream stops with an error naming the shards.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import io
 import itertools
 import logging
 import math
+from collections import Counter
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -47,6 +51,16 @@ from trace_dist.data.shards import Record, decode
 from trace_dist.vocab import Vocab
 
 log = logging.getLogger("trace_dist.data")
+
+
+@dataclass(frozen=True)
+class BadShard:
+    """A shard found bad while reading. The datasets yield it like a batch, so that the training
+    process logs it (`_loaded`), with the shard in `extra`: a DataLoader worker's own log lines reach
+    stderr but no handler of the trainer's (the RunLog shows them in TensorBoard)."""
+    url: str
+    bad: int  # its unreadable samples
+    error: str  # the first error
 
 
 class ShardReader:
@@ -71,6 +85,7 @@ class ShardReader:
         self.cfg, self.vocab, self.conditional = cfg, vocab, conditional
         self.good = self.bad = 0
         self.bad_shards: dict[str, str] = {}  # url -> first error
+        self.found: list[BadShard] = []  # bad shards not yet yielded (take_found)
 
     def read(self, url: str) -> tuple[dict[int, Record], int]:
         """{index in shard: record} of the readable samples, and how many were bad.
@@ -127,12 +142,17 @@ class ShardReader:
                 raise DataError(f"data: no readable training sample in {ndraws} shard draws: {self.bad_shards}")
         return pool, bad
 
+    def take_found(self) -> list[BadShard]:
+        """The bad shards found since the previous call."""
+        found, self.found = self.found, []
+        return found
+
     def _account(self, url: str, good: int, bad: int, errors: list[Exception]) -> None:
         self.good += good
         self.bad += bad
         if bad and url not in self.bad_shards:
             self.bad_shards[url] = str(errors[0]) if errors else "samples missing"
-            log.warning("data: skipped %d bad samples of %s: %s", bad, url, self.bad_shards[url])
+            self.found.append(BadShard(url, bad, self.bad_shards[url]))
         seen = self.good + self.bad
         if seen >= self.cfg.bad_check_min_samples and self.bad > self.cfg.max_bad_fraction * seen:
             raise DataError(
@@ -142,7 +162,8 @@ class ShardReader:
 
 
 def _loaded(dataset: IterableDataset, num_workers: int) -> Iterator:
-    """The items of a DataLoader over `dataset`; a DataError is raised here, as itself.
+    """The items of a DataLoader over `dataset`; a DataError is raised here, as itself, and a
+    BadShard is logged here (`extra={"bad_shard": url}`), in this process.
 
     Raised inside a DataLoader worker, it would arrive re-wrapped around the worker's traceback
     text; so the datasets yield it as an item instead, and it keeps its one-line message.
@@ -150,6 +171,10 @@ def _loaded(dataset: IterableDataset, num_workers: int) -> Iterator:
     for item in DataLoader(dataset, batch_size=None, num_workers=num_workers):
         if isinstance(item, DataError):
             raise item
+        if isinstance(item, BadShard):
+            log.warning("data: skipped %d bad samples of %s: %s", item.bad, item.url, item.error,
+                        extra={"bad_shard": item.url})
+            continue
         yield item
 
 
@@ -197,9 +222,10 @@ class TrainChunks(IterableDataset):
             bad += n_bad
             for slot, i in zip(slots, np.random.default_rng(seed).permutation(len(pool))):
                 examples[slot] = layout.example(pool[i])
+        cut = sum((layout.take_cut() for layout in self.layouts), Counter())
         mbs = self.micro_batch_size
-        return [collate(examples[j * mbs:(j + 1) * mbs], self.vocab, bad if j == 0 else 0)
-                for j in range(self.chunk_batches)]
+        first = collate(examples[:mbs], self.vocab, bad, cut)  # the chunk's counts go with its first batch
+        return [first] + [collate(examples[j * mbs:(j + 1) * mbs], self.vocab, 0) for j in range(1, self.chunk_batches)]
 
     def __iter__(self) -> Iterator[list[dict[str, torch.Tensor]]]:
         worker, num_workers = _worker()
@@ -207,6 +233,8 @@ class TrainChunks(IterableDataset):
         try:
             for chunk in itertools.count(first + worker, num_workers):
                 batches = self.chunk(chunk)
+                for reader in self.readers:
+                    yield from reader.take_found()
                 yield batches[self.start_step - first * self.chunk_batches:] if chunk == first else batches
         except DataError as e:
             yield e  # see _loaded
@@ -270,15 +298,16 @@ class EvalBatches(IterableDataset):
             if start >= end:
                 continue
             records, _ = self.reader.read(url)
+            yield from self.reader.take_found()
             for index in range(start - int(self.offsets[s]), end - int(self.offsets[s])):
                 record = records.get(index)
                 bad += record is None
                 slots.append(record and self.layout.example(record))
                 if len(slots) == self.batch_size:
-                    yield collate(slots, self.vocab, bad)
+                    yield collate(slots, self.vocab, bad, self.layout.take_cut())
                     slots, bad = [], 0
         if slots:
-            yield collate(slots + [None] * (self.batch_size - len(slots)), self.vocab, bad)
+            yield collate(slots + [None] * (self.batch_size - len(slots)), self.vocab, bad, self.layout.take_cut())
 
 
 class EvalLoader:
