@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from trace_dist import metrics
+from trace_dist.config import EvalConfig, choices
 from trace_dist.distributed import all_reduce_named
 from trace_dist.errors import UserError
 from trace_dist.sampling import prior_chunk, seeded_generator, stable_seed, text_of
@@ -316,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trace-dist eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, tag dir or export dir")
     p.add_argument("--data", help="prepared data directory (default: the checkpoint config's data.path)")
-    p.add_argument("--split", choices=["valid", "test"], help="default: eval.split")
+    p.add_argument("--split", choices=choices(EvalConfig, "split"), help="default: eval.split")
     p.add_argument("--iw-samples", type=int, help="importance samples per document (default: eval.iw_samples)")
     p.add_argument("--num-samples", type=int, help="generated texts (default: eval.num_samples)")
     p.add_argument("--token-budget", type=int, default=TOKEN_BUDGET,

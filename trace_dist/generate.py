@@ -24,7 +24,9 @@ from typing import Optional
 
 import torch
 
+from trace_dist.config import choices
 from trace_dist.errors import UserError
+from trace_dist.model.config import ModelConfig
 from trace_dist.model.generation import context_room
 from trace_dist.sampling import prior_chunk, seeded_generator, text_of
 from trace_dist.vocab import SPECIAL_TOKENS
@@ -86,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--latent-path", choices=["sequential", "parallel", "scan"])
+    p.add_argument("--latent-path", choices=choices(ModelConfig, "latent_path"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="prior samples per generate() call")
     p.add_argument("--output", help="write one JSON object per text (mode, index, text, ...)")

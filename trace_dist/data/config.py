@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from trace_dist.data.fetch import is_remote
 
@@ -27,6 +27,9 @@ def check_location(path: str) -> str:
     return path
 
 
+Location = Annotated[str, AfterValidator(check_location)]  # a local directory, http(s):// or pipe:
+
+
 def default_name(path: str) -> str:
     """A source's name from its location: the last part before any {shard} (s3://b/corpus/{shard} -> corpus)."""
     stem = path.split("{shard}")[0].rstrip("/ ")
@@ -38,21 +41,16 @@ class Source(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(description="a directory, an http(s) base URL or a pipe: template with {shard}")
+    path: Location = Field(description="a directory, an http(s) base URL or a pipe: template with {shard}")
     weight: float = Field(gt=0, description="relative share of the documents drawn for training")
     name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9._-]+$",
                                 description="used in logs (data/tokens/NAME); default: the last part of path")
-
-    @field_validator("path")
-    @classmethod
-    def _location(cls, v: str) -> str:
-        return check_location(v)
 
 
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field("data/pydoc", description="directory written by `trace-dist prepare`, an http(s) base URL "
+    path: Location = Field("data/pydoc", description="directory written by `trace-dist prepare`, an http(s) base URL "
                                                 "or a pipe: command template with {shard} (see docs/data.md)")
     mixture: list[Source] = Field(default_factory=list,
                                   description="weighted prepared sets to draw training documents from; "
@@ -76,11 +74,6 @@ class DataConfig(BaseModel):
     def _segment(cls, v: str) -> str:
         parse_segment(v)
         return v
-
-    @field_validator("path")
-    @classmethod
-    def _location(cls, v: str) -> str:
-        return check_location(v)
 
     @model_validator(mode="after")
     def _mixture(self) -> "DataConfig":
