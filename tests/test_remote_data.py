@@ -199,3 +199,26 @@ def test_data_config_checks_locations_and_mixtures():
         DataConfig(mixture=[dict(path="x/corpus", weight=1), dict(path="https://h/corpus/", weight=1)])
     cfg = DataConfig(mixture=[dict(path="pipe:gsutil cat gs://b/wiki/{shard}", weight=2), dict(path="b", weight=1)])
     assert cfg.path == "pipe:gsutil cat gs://b/wiki/{shard}" and [s.name for s in cfg.sources()] == ["wiki", "b"]
+
+
+@pytest.mark.slow
+def test_trace_dist_train_from_http_equals_training_from_the_local_copy(tiny_data, tmp_path):
+    """The whole path: `trace-dist train` (pre-launch checks, resolved config, launcher, rank, checkpoint
+    with the tokenizer copied from the server) on data served over HTTP gives the local run's loss curve."""
+    from test_train import curve
+
+    from trace_dist.cli import main as cli
+
+    def train(path, out):
+        args = ["train", "--config", "configs/tiny.yaml", "--nproc", "1", f"data.path={path}",
+                f"train.output_dir={out}", "train.max_steps=4", "train.eval_interval=4", "train.samples_to_log=0",
+                "checkpoint.interval=4", "data.num_workers=1"]
+        assert cli(args) == 0
+        return curve(out)
+
+    local = train(tiny_data, tmp_path / "local")
+    with LoopbackServer(tiny_data) as server:
+        remote = train(server.url, tmp_path / "http")
+    assert remote == local and len(local) == 4
+    assert (tmp_path / "http" / "checkpoints" / "step00000004" / "tokenizer.json").read_bytes() == \
+        (tmp_path / "local" / "checkpoints" / "step00000004" / "tokenizer.json").read_bytes()
