@@ -7,7 +7,7 @@ import torch
 from model_batches import build, VOCAB, make_batch, random_batch, random_segments, tiny_config
 from trace_dist.model.config import GenerationConfig
 from trace_dist.model import TRACE
-from trace_dist.model.generation import filter_logits, next_token
+from trace_dist.model.generation import candidates, next_token
 
 GREEDY = GenerationConfig(greedy=True, max_new_tokens=14)
 
@@ -59,18 +59,52 @@ def test_latent_switches_at_segment_boundaries():
 def test_filters():
     logits = torch.tensor([[3.0, 2.0, 1.0, -1.0]])
     hist = torch.tensor([[0, 3]])
-    pen = filter_logits(logits, hist, GenerationConfig(repetition_penalty=2.0, top_p=1.0, greedy=True))
-    assert torch.allclose(pen, torch.tensor([[1.5, 2.0, 1.0, -2.0]]))
-    topk = filter_logits(logits, hist, GenerationConfig(top_k=2, top_p=1.0))
-    assert torch.isinf(topk[0, 2:]).all() and torch.isfinite(topk[0, :2]).all()
+    ids, probs = candidates(logits, hist, GenerationConfig(repetition_penalty=2.0, top_p=1.0, temperature=0.5))
+    # penalised logits [1.5, 2.0, 1.0, -2.0], then / temperature
+    assert torch.allclose(probs.log().gather(1, ids.argsort(1)).diff(), torch.tensor([[1.0, -2.0, -6.0]]))
+    ids, probs = candidates(logits, hist, GenerationConfig(top_k=2, top_p=1.0))
+    assert ids.tolist() == [[0, 1]] and torch.allclose(probs, torch.softmax(logits[:, :2], -1))
     # softmax = [.66, .24, .09, .01]: top_p 0.8 keeps the first two tokens
-    topp = filter_logits(logits, hist, GenerationConfig(top_p=0.8))
-    assert torch.isfinite(topp[0, :2]).all() and torch.isinf(topp[0, 2:]).all()
+    ids, probs = candidates(logits, hist, GenerationConfig(top_p=0.8))
+    assert set(ids[probs > 0].tolist()) == {0, 1}
+    u = torch.rand(200, generator=torch.Generator().manual_seed(0))
+    tiny_p = next_token(logits.expand(200, -1), hist.expand(200, -1), GenerationConfig(top_p=0.01), u)
+    assert tiny_p.tolist() == [0] * 200
+    hot = next_token(logits.expand(200, -1), hist.expand(200, -1), GenerationConfig(top_p=1.0, temperature=100.0), u)
+    assert set(hot.tolist()) == {0, 1, 2, 3}
+
+
+def test_top_p_candidates_equal_the_full_sort_nucleus():
+    """The top-k prefiltered nucleus (growing its candidates) = the nucleus of the whole sorted
+    vocabulary, for peaked and flat rows, and the inverse-CDF draw follows its probabilities."""
     g = torch.Generator().manual_seed(0)
-    tiny_p = [next_token(logits, hist, GenerationConfig(top_p=0.01), g).item() for _ in range(20)]
-    assert tiny_p == [0] * 20
-    hot = [next_token(logits, hist, GenerationConfig(top_p=1.0, temperature=100.0), g).item() for _ in range(200)]
-    assert set(hot) == {0, 1, 2, 3}
+    logits = torch.randn(6, 5000, generator=g) * torch.tensor([[8.0], [4.0], [1.0], [0.3], [0.05], [0.01]])
+    for p in (0.5, 0.9, 0.99):
+        ids, probs = candidates(logits, None, GenerationConfig(top_p=p))
+        full = torch.softmax(logits, -1)
+        sorted_p, order = full.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p <= p
+        for r in range(6):
+            assert set(ids[r][probs[r] > 0].tolist()) == set(order[r][keep[r]].tolist())
+            assert torch.allclose(probs[r][probs[r] > 0].sum(), sorted_p[r][keep[r]].sum())
+    # frequencies of the inverse-CDF draw match the renormalised top-k probabilities
+    row = torch.tensor([[2.0, 1.0, 0.0, -3.0]])
+    u = torch.rand(20000, generator=g)
+    drawn = next_token(row.expand(20000, -1), None, GenerationConfig(top_k=3, top_p=1.0), u)
+    freq = torch.bincount(drawn, minlength=4).float() / 20000
+    assert torch.allclose(freq[:3], torch.softmax(row[0, :3], -1), atol=0.015) and freq[3] == 0
+
+
+def test_per_sample_generators_make_a_sample_batch_independent():
+    """With one generator per sample, a sample's text does not depend on the others in its batch
+    (how eval/generate can decode any number of prior samples together)."""
+    model = build()
+    gen = GenerationConfig(max_new_tokens=12, top_p=0.9)
+    seeded = lambda i: torch.Generator().manual_seed(100 + i)    # noqa: E731
+    together = model.generate(num=4, gen=gen, generator=[seeded(i) for i in range(4)], segment="fixed:3")
+    alone = [model.generate(num=1, gen=gen, generator=[seeded(i)], segment="fixed:3")[0] for i in (2, 0)]
+    assert [together[2], together[0]] == alone
+    assert len({tuple(t) for t in together}) == 4
 
 
 def test_overfit_model_stops_on_eos_and_reconstructs_from_posterior():
