@@ -7,7 +7,7 @@ import torch
 from model_batches import build, VOCAB, make_batch, random_batch, random_segments, tiny_config
 from trace_dist.model.config import GenerationConfig
 from trace_dist.model import TRACE
-from trace_dist.model.generation import candidates, next_token
+from trace_dist.model.generation import filter_probs, next_token
 
 GREEDY = GenerationConfig(greedy=True, max_new_tokens=14)
 
@@ -59,14 +59,14 @@ def test_latent_switches_at_segment_boundaries():
 def test_filters():
     logits = torch.tensor([[3.0, 2.0, 1.0, -1.0]])
     hist = torch.tensor([[0, 3]])
-    ids, probs = candidates(logits, hist, GenerationConfig(repetition_penalty=2.0, top_p=1.0, temperature=0.5))
+    probs = filter_probs(logits, hist, GenerationConfig(repetition_penalty=2.0, top_p=1.0, temperature=0.5))
     # penalised logits [1.5, 2.0, 1.0, -2.0], then / temperature
-    assert torch.allclose(probs.log().gather(1, ids.argsort(1)).diff(), torch.tensor([[1.0, -2.0, -6.0]]))
-    ids, probs = candidates(logits, hist, GenerationConfig(top_k=2, top_p=1.0))
-    assert ids.tolist() == [[0, 1]] and torch.allclose(probs, torch.softmax(logits[:, :2], -1))
+    assert torch.allclose(probs, torch.softmax(torch.tensor([[3.0, 4.0, 2.0, -4.0]]), -1))
+    probs = filter_probs(logits, hist, GenerationConfig(top_k=2, top_p=1.0))
+    assert torch.allclose(probs, torch.softmax(torch.tensor([[3.0, 2.0, -torch.inf, -torch.inf]]), -1))
     # softmax = [.66, .24, .09, .01]: top_p 0.8 keeps the first two tokens
-    ids, probs = candidates(logits, hist, GenerationConfig(top_p=0.8))
-    assert set(ids[probs > 0].tolist()) == {0, 1}
+    probs = filter_probs(logits, hist, GenerationConfig(top_p=0.8))
+    assert (probs[0, :2] > 0).all() and (probs[0, 2:] == 0).all()
     u = torch.rand(200, generator=torch.Generator().manual_seed(0))
     tiny_p = next_token(logits.expand(200, -1), hist.expand(200, -1), GenerationConfig(top_p=0.01), u)
     assert tiny_p.tolist() == [0] * 200
@@ -74,19 +74,17 @@ def test_filters():
     assert set(hot.tolist()) == {0, 1, 2, 3}
 
 
-def test_top_p_candidates_equal_the_full_sort_nucleus():
-    """The top-k prefiltered nucleus (growing its candidates) = the nucleus of the whole sorted
-    vocabulary, for peaked and flat rows, and the inverse-CDF draw follows its probabilities."""
+def test_top_p_nucleus_equals_the_full_sort_nucleus():
+    """The histogram top-p nucleus = the nucleus of the whole sorted vocabulary, for peaked and flat
+    rows, and the inverse-CDF draw follows the filtered probabilities."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 5000, generator=g) * torch.tensor([[8.0], [4.0], [1.0], [0.3], [0.05], [0.01]])
+    full = torch.softmax(logits, -1)
+    sorted_p, order = full.sort(-1, descending=True)
     for p in (0.5, 0.9, 0.99):
-        ids, probs = candidates(logits, None, GenerationConfig(top_p=p))
-        full = torch.softmax(logits, -1)
-        sorted_p, order = full.sort(-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p <= p
-        for r in range(6):
-            assert set(ids[r][probs[r] > 0].tolist()) == set(order[r][keep[r]].tolist())
-            assert torch.allclose(probs[r][probs[r] > 0].sum(), sorted_p[r][keep[r]].sum())
+        probs = filter_probs(logits, None, GenerationConfig(top_p=p))
+        keep = torch.zeros_like(full, dtype=torch.bool).scatter_(1, order, sorted_p.cumsum(-1) - sorted_p <= p)
+        assert torch.equal(probs > 0, keep) and torch.allclose(probs[keep], full[keep])
     # frequencies of the inverse-CDF draw match the renormalised top-k probabilities
     row = torch.tensor([[2.0, 1.0, 0.0, -3.0]])
     u = torch.rand(20000, generator=g)
