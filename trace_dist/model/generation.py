@@ -123,6 +123,9 @@ class _Segmenter:
         self.seg = torch.where(moved, self.seg + 1, self.seg)
         return moved
 
+    def keep(self, rows: torch.Tensor) -> None:
+        self.seg, self.count = self.seg[rows], self.count[rows]
+
 
 @torch.no_grad()
 def generate(model, num: int = 1, z: Optional[torch.Tensor] = None, prompts: Optional[list[list[int]]] = None,
@@ -184,6 +187,16 @@ class _Latents:
     def num(self) -> int:
         return 1 if self.z is None else self.z.shape[1]
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only these rows go on decoding."""
+        if self.z is None:
+            return
+        self.z = self.z[rows]
+        if self.lazy:
+            self.eps = self.eps[rows]
+            self.h_prompt = None if self.h_prompt is None else self.h_prompt[rows]
+            self.prompts = [self.prompts[r] for r in rows.tolist()]
+
     def update(self, rows: torch.Tensor, seg: torch.Tensor, generated: list[list[int]],
                gen_segs: list[list[int]]) -> None:
         """Priors that read the text (context, paper): z[r, s] for rows that just entered segment s, drawn
@@ -198,7 +211,8 @@ class _Latents:
 
 def _decode_loop(model, latents: _Latents, prompts, gen, uniforms, segment, use_cache, device):
     """uniforms [N, steps]: row r's draw at step t. Token, validity and segment buffers are allocated
-    once for the longest document (growing them by concatenation each step cost ~10%)."""
+    once for the longest document (growing them by concatenation each step cost ~10%), and a row
+    that ends (eos) leaves the batch, so the decoder only runs the rows still generating."""
     vocab = model.vocab
     N, steps = uniforms.shape
     # Left-padded decoder prefix [bos] + prompt; the last prefix position predicts segment 0.
@@ -214,8 +228,9 @@ def _decode_loop(model, latents: _Latents, prompts, gen, uniforms, segment, use_
     start = (~valid[:, :P]).sum(1, keepdim=True)           # each row's first real position
     segmenter = _Segmenter(segment, N, latents.num, vocab.sep, device)
     caches = [LayerCache() for _ in model.decoder.h] if use_cache else None
-    done = torch.zeros(N, dtype=torch.bool, device=device)
     length = torch.zeros(N, dtype=torch.long, device=device)      # tokens generated before eos
+    rows = list(range(N))                                    # the sample each remaining row is
+    out: list[list[int]] = [[] for _ in range(N)]
     fed = 0                                                  # positions already in the KV cache
     for t in range(steps):
         L = P + t
@@ -225,21 +240,31 @@ def _decode_loop(model, latents: _Latents, prompts, gen, uniforms, segment, use_
         fed = L
         history = torch.where(valid[:, :L], seqs[:, :L], vocab.bos) if gen.repetition_penalty != 1.0 else None
         token = next_token(logits[:, -1], history, gen, uniforms[:, t])
-        token = torch.where(done, vocab.pad, token)
-        done |= token == vocab.eos
-        length += ~done
-        if done.all() or t == steps - 1:
-            break
         seqs[:, L] = token
+        ended = token == vocab.eos
+        length += ~ended
+        if ended.all() or t == steps - 1:
+            break
         valid[:, L] = True
-        moved = segmenter.advance(token) & ~done
+        moved = segmenter.advance(token) & ~ended
         if latents.lazy and moved.any():
             gen_ids = [seqs[r, P:P + n].tolist() for r, n in enumerate(length.tolist())]
             gen_segs = [segs[r, P - 1:P - 1 + n].tolist() for r, n in enumerate(length.tolist())]
             latents.update(moved, segmenter.seg, gen_ids, gen_segs)
         segs[:, L] = segmenter.seg
-    seqs[:, L] = token                                       # the last step's tokens (before eos: kept)
-    return [seqs[r, P:P + n].tolist() for r, n in enumerate(length.tolist())]
+        if ended.any():                                      # finished rows leave the batch
+            for r in ended.nonzero().flatten().tolist():
+                out[rows[r]] = seqs[r, P:P + int(length[r])].tolist()
+            keep = (~ended).nonzero().flatten()
+            rows = [rows[r] for r in keep.tolist()]
+            seqs, valid, segs, start, length, uniforms = (x[keep] for x in (seqs, valid, segs, start, length, uniforms))
+            segmenter.keep(keep)
+            latents.keep(keep)
+            for c in caches or []:
+                c.k, c.v = c.k[keep], c.v[keep]
+    for r, n in enumerate(length.tolist()):
+        out[rows[r]] = seqs[r, P:P + n].tolist()
+    return out
 
 
 def _prompt_features(model, prompts: list[list[int]], device) -> torch.Tensor:
