@@ -8,6 +8,8 @@ last one is kept. Prompts of different lengths are left-padded; positions count 
 own start and pad keys are masked, so every row sees exactly what it would see alone.
 A document is at most model.block_size tokens, prompt included (the positions the model has), so
 decoding stops there whatever max_new_tokens says; a prompt that fills the context is refused.
+Each token is drawn by inverse CDF from one uniform per row and step, so a row can have its own
+generator (its text then does not depend on its batch); a row that ends leaves the batch.
 """
 
 from __future__ import annotations
