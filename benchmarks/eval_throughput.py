@@ -16,9 +16,10 @@ In one process, at `--threads` intra-op threads (2: the issue's measurement):
         eval_iw_token_forwards_per_s = predicted tokens x S / wall time of the batched pass;
      both must give the same figures (checked: `same_figures`);
   4. prior samples: `--num-samples` texts from the prior in chunks of eval.batch_size (what
-     `trace-dist eval` does today) and in one chunk (one generation batch): CPU seconds of each;
-     every sample is seeded by its index alone, so both must give the same texts (checked:
-     `prior_same_texts`);
+     `trace-dist eval` does today) and in one chunk (one generation batch): CPU seconds of each.
+     Every sample draws from its own generator, seeded by its index, so the texts agree but for the
+     float rounding of differently sized matmuls, which can flip a token (`prior_texts_differing`:
+     how many of the samples differ);
   5. the whole `trace-dist eval` in this process (`--iw-samples 10 --num-samples 100`, generation
      included): eval_seconds (its recorded wall time) and eval_cpu_seconds (this process's CPU time,
      the figure that means something on a shared box).
@@ -168,7 +169,7 @@ def main() -> None:
         "batched_over_batch1_speedup": round(batch1_s / batched_s, 2), "same_figures": same,
         "eval_seconds": report["wall_time_s"], "eval_cpu_seconds": round(eval_cpu, 2),
         "prior_cpu_seconds_chunked": round(chunked_cpu, 2), "prior_cpu_seconds_one_chunk": round(one_cpu, 2),
-        "prior_same_texts": chunked == one,
+        "prior_texts_differing": sum(a != b for a, b in zip(chunked, one)),
         "eval_iw_token_forwards_per_s": round(eval_tps, 1),
         "eval_over_train_token_ratio": round(eval_tps / train_tps, 3),
     })

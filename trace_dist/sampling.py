@@ -26,8 +26,8 @@ def seeded_generator(device, *parts) -> torch.Generator:
 def prior_chunk(model, start: int, count: int, seed: int, gen, device, segment: str,
                 latent_path: Optional[str] = None) -> list[list[int]]:
     """Samples start..start+count-1 from the prior, decoded as one KV-cached batch; sample i draws
-    only from its own generator, seeded by (seed, "generate", i): the same text whichever rank,
-    process or chunk size draws it."""
+    only from its own generator, seeded by (seed, "generate", i): the same draws whichever rank,
+    process or chunk draws it (the text too, but for float rounding of differently sized batches)."""
     generators = [seeded_generator(device, seed, "generate", start + j) for j in range(count)]
     return model.generate(num=count, gen=gen, generator=generators, segment=segment, latent_path=latent_path)
 

@@ -96,7 +96,7 @@ def random_draws(generator: Generators, N: int, K: int, d: int, steps: int, devi
 
     One generator: all rows draw from it (noise first, then the uniforms), so a row depends on the
     batch. A sequence of N generators: row r draws only from generator[r] (its noise [K, d], then its
-    uniforms [steps]), so a row's text is the same in any batch (the prior samples of eval/generate)."""
+    uniforms [steps]), so a row's draws are the same in any batch (the prior samples of eval/generate)."""
     if generator is None or isinstance(generator, torch.Generator):
         eps = torch.randn(N, K, d, generator=generator, device=device)
         return eps, torch.rand(N, steps, generator=generator, device=device)
