@@ -49,7 +49,7 @@ from trace_dist.distributed import free_port
 from trace_dist.model import TRACE
 from trace_dist.sampling import prior_chunk
 
-SMOKE = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.latent_size=8", "generation.max_new_tokens=8"]
+SMOKE = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.latent_size=8"]
 
 
 def train_throughput(cfg, vocab, steps: int, warmup: int) -> tuple[TRACE, float]:
@@ -119,7 +119,7 @@ def main() -> None:
     overrides, extra = [], []
     if args.smoke:
         args.train_steps, args.warmup, args.repeats, args.iw_samples, args.num_samples = 2, 1, 1, 2, 4
-        overrides, extra = SMOKE, ["--max-documents", "8"]
+        overrides, extra = SMOKE, ["--max-documents", "8", "generation.max_new_tokens=8"]
     common.pin_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
