@@ -19,7 +19,7 @@ def test_eval_throughput_smoke():
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fig = json.loads([ln for ln in proc.stdout.splitlines() if ln.strip()][-1])
-    assert fig["documents"] == 8 and fig["same_figures"] is True
+    assert fig["documents"] == 8 and fig["same_figures"] is True and fig["prior_texts_differing"] == 0
     assert fig["train_tokens_per_s"] > 0 and fig["eval_seconds"] > 0
     assert fig["eval_iw_token_forwards_per_s"] == pytest.approx(
         fig["tokens"] * fig["iw_samples"] / fig["likelihood_seconds_batched"], rel=1e-2)

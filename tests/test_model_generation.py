@@ -7,7 +7,7 @@ import torch
 from model_batches import build, VOCAB, make_batch, random_batch, random_segments, tiny_config
 from trace_dist.model.config import GenerationConfig
 from trace_dist.model import TRACE
-from trace_dist.model.generation import filter_logits, next_token
+from trace_dist.model.generation import filter_probs, next_token
 
 GREEDY = GenerationConfig(greedy=True, max_new_tokens=14)
 
@@ -59,18 +59,51 @@ def test_latent_switches_at_segment_boundaries():
 def test_filters():
     logits = torch.tensor([[3.0, 2.0, 1.0, -1.0]])
     hist = torch.tensor([[0, 3]])
-    pen = filter_logits(logits, hist, GenerationConfig(repetition_penalty=2.0, top_p=1.0, greedy=True))
-    assert torch.allclose(pen, torch.tensor([[1.5, 2.0, 1.0, -2.0]]))
-    topk = filter_logits(logits, hist, GenerationConfig(top_k=2, top_p=1.0))
-    assert torch.isinf(topk[0, 2:]).all() and torch.isfinite(topk[0, :2]).all()
+    probs = filter_probs(logits, hist, GenerationConfig(repetition_penalty=2.0, top_p=1.0, temperature=0.5))
+    # penalised logits [1.5, 2.0, 1.0, -2.0], then / temperature
+    assert torch.allclose(probs, torch.softmax(torch.tensor([[3.0, 4.0, 2.0, -4.0]]), -1))
+    probs = filter_probs(logits, hist, GenerationConfig(top_k=2, top_p=1.0))
+    assert torch.allclose(probs, torch.softmax(torch.tensor([[3.0, 2.0, -torch.inf, -torch.inf]]), -1))
     # softmax = [.66, .24, .09, .01]: top_p 0.8 keeps the first two tokens
-    topp = filter_logits(logits, hist, GenerationConfig(top_p=0.8))
-    assert torch.isfinite(topp[0, :2]).all() and torch.isinf(topp[0, 2:]).all()
+    probs = filter_probs(logits, hist, GenerationConfig(top_p=0.8))
+    assert (probs[0, :2] > 0).all() and (probs[0, 2:] == 0).all()
+    u = torch.rand(200, generator=torch.Generator().manual_seed(0))
+    tiny_p = next_token(logits.expand(200, -1), hist.expand(200, -1), GenerationConfig(top_p=0.01), u)
+    assert tiny_p.tolist() == [0] * 200
+    hot = next_token(logits.expand(200, -1), hist.expand(200, -1), GenerationConfig(top_p=1.0, temperature=100.0), u)
+    assert set(hot.tolist()) == {0, 1, 2, 3}
+
+
+def test_top_p_nucleus_equals_the_full_sort_nucleus():
+    """The histogram top-p nucleus = the nucleus of the whole sorted vocabulary, for peaked and flat
+    rows, and the inverse-CDF draw follows the filtered probabilities."""
     g = torch.Generator().manual_seed(0)
-    tiny_p = [next_token(logits, hist, GenerationConfig(top_p=0.01), g).item() for _ in range(20)]
-    assert tiny_p == [0] * 20
-    hot = [next_token(logits, hist, GenerationConfig(top_p=1.0, temperature=100.0), g).item() for _ in range(200)]
-    assert set(hot) == {0, 1, 2, 3}
+    logits = torch.randn(6, 5000, generator=g) * torch.tensor([[8.0], [4.0], [1.0], [0.3], [0.05], [0.01]])
+    full = torch.softmax(logits, -1)
+    sorted_p, order = full.sort(-1, descending=True)
+    for p in (0.5, 0.9, 0.99):
+        probs = filter_probs(logits, None, GenerationConfig(top_p=p))
+        keep = torch.zeros_like(full, dtype=torch.bool).scatter_(1, order, sorted_p.cumsum(-1) - sorted_p <= p)
+        assert torch.equal(probs > 0, keep) and torch.allclose(probs[keep], full[keep])
+    # frequencies of the inverse-CDF draw match the renormalised top-k probabilities
+    row = torch.tensor([[2.0, 1.0, 0.0, -3.0]])
+    u = torch.rand(20000, generator=g)
+    drawn = next_token(row.expand(20000, -1), None, GenerationConfig(top_k=3, top_p=1.0), u)
+    freq = torch.bincount(drawn, minlength=4).float() / 20000
+    assert torch.allclose(freq[:3], torch.softmax(row[0, :3], -1), atol=0.015) and freq[3] == 0
+
+
+def test_per_sample_generators_make_a_sample_batch_independent():
+    """With one generator per sample, a sample's text does not depend on the others in its batch
+    (how eval/generate can decode any number of prior samples together; float rounding of the
+    batch size could flip a token, which does not happen here)."""
+    model = build()
+    gen = GenerationConfig(max_new_tokens=12, top_p=0.9)
+    seeded = lambda i: torch.Generator().manual_seed(100 + i)    # noqa: E731
+    together = model.generate(num=4, gen=gen, generator=[seeded(i) for i in range(4)], segment="fixed:3")
+    alone = [model.generate(num=1, gen=gen, generator=[seeded(i)], segment="fixed:3")[0] for i in (2, 0)]
+    assert [together[2], together[0]] == alone
+    assert len({tuple(t) for t in together}) == 4
 
 
 def test_overfit_model_stops_on_eos_and_reconstructs_from_posterior():

@@ -8,11 +8,13 @@ last one is kept. Prompts of different lengths are left-padded; positions count 
 own start and pad keys are masked, so every row sees exactly what it would see alone.
 A document is at most model.block_size tokens, prompt included (the positions the model has), so
 decoding stops there whatever max_new_tokens says; a prompt that fills the context is refused.
+Each token is drawn by inverse CDF from one uniform per row and step, so a row can have its own
+generator (its text then does not depend on its batch); a row that ends leaves the batch.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -21,26 +23,51 @@ from trace_dist.data.config import parse_segment
 from trace_dist.model.blocks import LayerCache
 
 
-def filter_logits(logits: torch.Tensor, history: torch.Tensor, gen: GenerationConfig) -> torch.Tensor:
+BUCKETS, BUCKET_NATS = 1024, 24.0   # top-p histogram: 1024 log-probability buckets over 24 nats below the top
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs [N, V] -> the same with the tokens outside each row's top-p nucleus zeroed: a token is
+    kept when the mass of the tokens more likely than it is at most p (Holtzman et al.).
+
+    Without sorting the vocabulary (sorting V was a quarter of generation time): a token's log-prob
+    gap to the row's best picks one of BUCKETS buckets, one scatter_add sums each bucket's mass, and
+    the bucket where the cumulative mass passes p is the only place the nucleus edge can be. Buckets
+    above it are kept, below it dropped, and only its few tokens are sorted. Same kept set as a full
+    sort, up to float rounding of the running sum at the edge."""
+    N = probs.shape[0]
+    gap = (probs.amax(-1, keepdim=True).log() - probs.log()) * (BUCKETS / BUCKET_NATS)    # [N, V], inf for p = 0
+    bucket = gap.clamp_max(BUCKETS - 1).long()
+    mass = torch.zeros(N, BUCKETS, dtype=probs.dtype, device=probs.device).scatter_add_(1, bucket, probs)
+    cum = mass.cumsum(-1)                                                 # [N, BUCKETS] mass down to each bucket
+    edge = (cum <= top_p).sum(-1, keepdim=True)                           # [N, 1] the bucket that passes p
+    before = torch.where(edge > 0, cum.gather(1, (edge - 1).clamp_min(0)), 0.0)   # mass of the buckets above it
+    out = torch.where(bucket < edge, probs, 0.0)
+    band = (bucket == edge) & (probs > 0)
+    vals, ids = torch.topk(torch.where(band, probs, -1.0), max(1, int(band.sum(-1).max())), dim=-1)
+    vals = vals.clamp_min(0.0)                                            # [N, C] the edge bucket, sorted
+    kept = before + vals.cumsum(-1) - vals <= top_p
+    return out.scatter_add_(1, ids, torch.where(kept, vals, 0.0))
+
+
+def filter_probs(logits: torch.Tensor, history: Optional[torch.Tensor], gen: GenerationConfig) -> torch.Tensor:
     """Repetition penalty (CTRL: divide positive / multiply negative logits of tokens in `history`),
-    temperature, top-k and top-p (nucleus) on logits [N, V] -> filtered logits (-inf = excluded)."""
+    temperature, top-k (renormalised over the k, as HF does) and top-p on logits [N, V] ->
+    sampling probabilities [N, V] (0 = excluded; unnormalised after top-p). Greedy: one-hot argmax."""
     logits = logits.float().clone()
     if gen.repetition_penalty != 1.0:
         seen = logits.gather(1, history)
         logits.scatter_(1, history, torch.where(seen > 0, seen / gen.repetition_penalty,
                                                 seen * gen.repetition_penalty))
     if gen.greedy:
-        return logits
+        return torch.zeros_like(logits).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
     logits = logits / gen.temperature
     if gen.top_k > 0:
-        kth = torch.topk(logits, min(gen.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -torch.inf)
-    if gen.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(-1) - probs > gen.top_p           # the mass before a token already exceeds p
-        logits = logits.masked_fill(drop.scatter(1, order, drop), -torch.inf)
-    return logits
+        vals, ids = torch.topk(logits, min(gen.top_k, logits.shape[-1]), dim=-1)
+        probs = torch.zeros_like(logits).scatter_(1, ids, torch.softmax(vals, dim=-1))
+    else:
+        probs = torch.softmax(logits, dim=-1)
+    return nucleus(probs, gen.top_p) if gen.top_p < 1.0 else probs
 
 
 def context_room(block_size: int, prompt_tokens: int) -> int:
@@ -49,12 +76,35 @@ def context_room(block_size: int, prompt_tokens: int) -> int:
     return block_size - prompt_tokens
 
 
-def next_token(logits: torch.Tensor, history: torch.Tensor, gen: GenerationConfig,
-               generator: Optional[torch.Generator]) -> torch.Tensor:
-    logits = filter_logits(logits, history, gen)
+def next_token(logits: torch.Tensor, history: Optional[torch.Tensor], gen: GenerationConfig, u: torch.Tensor) -> torch.Tensor:
+    """One token per row [N] from logits [N, V], by inverse CDF with the row's uniform u [N] in [0, 1):
+    the token whose cumulative probability interval holds u (a multinomial draw that needs one
+    number per row, so a row's draw can come from its own generator)."""
+    probs = filter_probs(logits, history, gen)
     if gen.greedy:
-        return logits.argmax(-1)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+        return probs.argmax(-1)
+    cdf = probs.cumsum(-1)                                                  # [N, V]
+    pick = torch.searchsorted(cdf, (u.to(cdf) * cdf[:, -1])[:, None], right=True)
+    return pick.clamp_max(cdf.shape[1] - 1).squeeze(1)
+
+
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def random_draws(generator: Generators, N: int, K: int, d: int, steps: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prior noise [N, K, d], one uniform per row and decoding step [N, steps]).
+
+    One generator: all rows draw from it (noise first, then the uniforms), so a row depends on the
+    batch. A sequence of N generators: row r draws only from generator[r] (its noise [K, d], then its
+    uniforms [steps]), so a row's draws are the same in any batch (the prior samples of eval/generate)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        eps = torch.randn(N, K, d, generator=generator, device=device)
+        return eps, torch.rand(N, steps, generator=generator, device=device)
+    if len(generator) != N:
+        raise ValueError(f"got {len(generator)} generators for {N} samples")
+    eps = [torch.randn(K, d, generator=g, device=g.device) for g in generator]
+    u = [torch.rand(steps, generator=g, device=g.device) for g in generator]
+    return torch.stack(eps).to(device), torch.stack(u).to(device)
 
 
 class _Segmenter:
@@ -75,19 +125,24 @@ class _Segmenter:
         self.seg = torch.where(moved, self.seg + 1, self.seg)
         return moved
 
+    def keep(self, rows: torch.Tensor) -> None:
+        self.seg, self.count = self.seg[rows], self.count[rows]
+
 
 @torch.no_grad()
 def generate(model, num: int = 1, z: Optional[torch.Tensor] = None, prompts: Optional[list[list[int]]] = None,
-             gen: GenerationConfig = GenerationConfig(), generator: Optional[torch.Generator] = None,
+             gen: GenerationConfig = GenerationConfig(), generator: Generators = None,
              latent_path: Optional[str] = None, segment: str = "sentence", use_cache: bool = True
              ) -> list[list[int]]:
     """Token ids per sample (no bos, stopping before eos).
 
     num: samples when neither z nor prompts fix the count; z [N, K, d]: fixed latents
     (reconstruction, interpolation); prompts: token ids per sample (conditional mode: each ends with
-    `sep`); latent_path: how prior latents are drawn (default model.latent_path; the recurrent prior
-    draws all K at once); segment: 'sentence' | 'fixed:N'; use_cache: False recomputes the whole
-    prefix each step (the reference the KV cache is tested against)."""
+    `sep`); generator: one for the whole batch, or one per sample (each sample's text then depends
+    on its own generator only: see `random_draws`); latent_path: how prior latents are drawn
+    (default model.latent_path; the recurrent prior draws all K at once); segment: 'sentence' |
+    'fixed:N'; use_cache: False recomputes the whole prefix each step (the reference the KV cache is
+    tested against)."""
     cfg = model.cfg
     device = model.wte.weight.device
     if cfg.conditional and prompts is None:
@@ -99,20 +154,23 @@ def generate(model, num: int = 1, z: Optional[torch.Tensor] = None, prompts: Opt
     longest = max(len(p) for p in prompts)
     if context_room(cfg.block_size, longest) < 1:
         raise ValueError(f"a prompt of {longest} tokens leaves no room in model.block_size ({cfg.block_size})")
+    steps = min(gen.max_new_tokens, context_room(cfg.block_size, longest))
+    K = 0 if z is not None or not model.has_latent else 1 if cfg.latent == "single" else cfg.max_segments
+    eps, uniforms = random_draws(generator, N, K, cfg.latent_size, steps, device)
     was_training = model.training
     model.eval()
     try:
-        latents = _Latents(model, N, z, prompts, generator, latent_path, device)
-        return _decode_loop(model, latents, prompts, gen, generator, segment, use_cache, device)
+        latents = _Latents(model, z, eps, prompts, latent_path, device)
+        return _decode_loop(model, latents, prompts, gen, uniforms, segment, use_cache, device)
     finally:
         model.train(was_training)
 
 
 class _Latents:
-    """z [N, K, d] for decoding: given, pre-sampled from the prior, or (priors that read the text:
-    context, paper) drawn segment by segment from the encoder features of the text generated so far."""
+    """z [N, K, d] for decoding: given, from the prior noise eps [N, K, d], or (priors that read the
+    text: context, paper) drawn segment by segment from the encoder features of the text generated so far."""
 
-    def __init__(self, model, N, z, prompts, generator, latent_path, device) -> None:
+    def __init__(self, model, z, eps, prompts, latent_path, device) -> None:
         self.model, self.prompts = model, prompts
         cfg = model.cfg
         self.z, self.lazy = None, False
@@ -122,23 +180,29 @@ class _Latents:
             self.z = z.to(device=device, dtype=torch.float32)
             return
         h_prompt = _prompt_features(model, prompts, device) if cfg.conditional else None
-        K = 1 if cfg.latent == "single" else cfg.max_segments
-        self.eps = torch.randn(N, K, cfg.latent_size, generator=generator, device=device)
-        self.h_prompt, self.path = h_prompt, latent_path
+        self.eps, self.h_prompt, self.path = eps, h_prompt, latent_path
         self.lazy = model.latent.reads_text
-        no_text = self.eps.new_zeros(N, 0, cfg.n_embd) if self.lazy else None   # z_0 reads the prompt only
-        self.z = model.latent.sample_prior(self.eps, h_prompt, latent_path, h=no_text).float()
+        no_text = eps.new_zeros(eps.shape[0], 0, cfg.n_embd) if self.lazy else None   # z_0 reads the prompt only
+        self.z = model.latent.sample_prior(eps, h_prompt, latent_path, h=no_text).float()
 
     @property
     def num(self) -> int:
         return 1 if self.z is None else self.z.shape[1]
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only these rows go on decoding."""
+        if self.z is None:
+            return
+        self.z = self.z[rows]
+        if self.lazy:
+            self.eps = self.eps[rows]
+            self.h_prompt = None if self.h_prompt is None else self.h_prompt[rows]
+            self.prompts = [self.prompts[r] for r in rows.tolist()]
+
     def update(self, rows: torch.Tensor, seg: torch.Tensor, generated: list[list[int]],
                gen_segs: list[list[int]]) -> None:
         """Priors that read the text (context, paper): z[r, s] for rows that just entered segment s, drawn
         from the prior given the features of the text generated so far."""
-        if not self.lazy or not rows.any():
-            return
         batch = _text_batch(self.model, self.prompts, generated, gen_segs, self.z.device)
         h, _, _ = self.model.features(batch)
         z = self.model.latent.sample_prior(self.eps, self.h_prompt, self.path, h=h)
@@ -147,46 +211,61 @@ class _Latents:
             self.z[r, s] = z[r, s].float()
 
 
-def _decode_loop(model, latents: _Latents, prompts, gen, generator, segment, use_cache, device):
+def _decode_loop(model, latents: _Latents, prompts, gen, uniforms, segment, use_cache, device):
+    """uniforms [N, steps]: row r's draw at step t. Token, validity and segment buffers are allocated
+    once for the longest document (growing them by concatenation each step cost ~10%), and a row
+    that ends (eos) leaves the batch, so the decoder only runs the rows still generating."""
     vocab = model.vocab
-    N = len(prompts)
+    N, steps = uniforms.shape
     # Left-padded decoder prefix [bos] + prompt; the last prefix position predicts segment 0.
     P = 1 + max(len(p) for p in prompts)
-    seqs = torch.full((N, P), vocab.pad, dtype=torch.long, device=device)
-    valid = torch.zeros(N, P, dtype=torch.bool, device=device)
+    seqs = torch.full((N, P + steps), vocab.pad, dtype=torch.long, device=device)
+    valid = torch.zeros(N, P + steps, dtype=torch.bool, device=device)
     for r, p in enumerate(prompts):
-        seqs[r, P - 1 - len(p):] = torch.tensor([vocab.bos] + list(p), dtype=torch.long)
-        valid[r, P - 1 - len(p):] = True
-    segs = torch.full((N, P), -1, dtype=torch.long, device=device)
-    segs[:, -1] = 0
-    start = (~valid).sum(1, keepdim=True)                  # each row's first real position
+        seqs[r, P - 1 - len(p):P] = torch.tensor([vocab.bos] + list(p), dtype=torch.long)
+        valid[r, P - 1 - len(p):P] = True
+    # segs[:, j]: the latent position j reads, i.e. the segment of the token at j + 1
+    segs = torch.full((N, P + steps), -1, dtype=torch.long, device=device)
+    segs[:, P - 1] = 0
+    start = (~valid[:, :P]).sum(1, keepdim=True)           # each row's first real position
     segmenter = _Segmenter(segment, N, latents.num, vocab.sep, device)
     caches = [LayerCache() for _ in model.decoder.h] if use_cache else None
-    done = torch.zeros(N, dtype=torch.bool, device=device)
+    length = torch.zeros(N, dtype=torch.long, device=device)      # tokens generated before eos
+    rows = list(range(N))                                    # the sample each remaining row is
     out: list[list[int]] = [[] for _ in range(N)]
-    gen_segs: list[list[int]] = [[] for _ in range(N)]
     fed = 0                                                  # positions already in the KV cache
-    for _ in range(min(gen.max_new_tokens, context_room(model.cfg.block_size, P - 1))):
-        L = seqs.shape[1]
+    for t in range(steps):
+        L = P + t
         lo = fed if use_cache else 0
         pos = (torch.arange(lo, L, device=device)[None] - start).clamp_min(0)
-        logits = model.decode(seqs[:, lo:], pos, segs[:, lo:], latents.z, key_valid=valid, caches=caches)
+        logits = model.decode(seqs[:, lo:L], pos, segs[:, lo:L], latents.z, key_valid=valid[:, :L], caches=caches)
         fed = L
-        history = torch.where(valid, seqs, vocab.bos)
-        token = next_token(logits[:, -1], history, gen, generator)
-        token = torch.where(done, vocab.pad, token)
-        finished = ~done & (token == vocab.eos)
-        for r in (~done & ~finished).nonzero().flatten().tolist():
-            out[r].append(int(token[r]))
-            gen_segs[r].append(int(segmenter.seg[r]))
-        done |= finished
-        if done.all():
+        history = torch.where(valid[:, :L], seqs[:, :L], vocab.bos) if gen.repetition_penalty != 1.0 else None
+        token = next_token(logits[:, -1], history, gen, uniforms[:, t])
+        seqs[:, L] = token
+        ended = token == vocab.eos
+        length += ~ended
+        if ended.all() or t == steps - 1:
             break
-        moved = segmenter.advance(token) & ~done
-        latents.update(moved, segmenter.seg, out, gen_segs)
-        seqs = torch.cat([seqs, token[:, None]], dim=1)
-        valid = torch.cat([valid, torch.ones_like(done)[:, None]], dim=1)
-        segs = torch.cat([segs, segmenter.seg[:, None]], dim=1)
+        valid[:, L] = True
+        moved = segmenter.advance(token) & ~ended
+        if latents.lazy and moved.any():
+            gen_ids = [seqs[r, P:P + n].tolist() for r, n in enumerate(length.tolist())]
+            gen_segs = [segs[r, P - 1:P - 1 + n].tolist() for r, n in enumerate(length.tolist())]
+            latents.update(moved, segmenter.seg, gen_ids, gen_segs)
+        segs[:, L] = segmenter.seg
+        if ended.any():                                      # finished rows leave the batch
+            for r in ended.nonzero().flatten().tolist():
+                out[rows[r]] = seqs[r, P:P + int(length[r])].tolist()
+            keep = (~ended).nonzero().flatten()
+            rows = [rows[r] for r in keep.tolist()]
+            seqs, valid, segs, start, length, uniforms = (x[keep] for x in (seqs, valid, segs, start, length, uniforms))
+            segmenter.keep(keep)
+            latents.keep(keep)
+            for c in caches or []:
+                c.k, c.v = c.k[keep], c.v[keep]
+    for r, n in enumerate(length.tolist()):
+        out[rows[r]] = seqs[r, P:P + n].tolist()
     return out
 
 
