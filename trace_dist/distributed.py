@@ -63,6 +63,11 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, local_rank, world, device)
 
 
+def local_info() -> DistInfo:
+    """One process without a process group (single-process eval): rank 0 of 1 on the first GPU or the CPU."""
+    return DistInfo(0, 0, 1, torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+
+
 def _unlink_deepspeed_shm(rank: int) -> None:
     """DeepSpeed's CPU comm op creates a 69 MB /dev/shm buffer per rank when all ranks share a node
     (LOCAL_SIZE == world size, 1 included; for its inference all-reduce, which training never uses)

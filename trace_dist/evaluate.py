@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -44,6 +45,7 @@ from trace_dist.errors import UserError
 from trace_dist.sampling import prior_chunk, seeded_generator, stable_seed, text_of
 
 TOKEN_BUDGET = 8192    # decoder tokens per likelihood batch (documents x importance samples x length)
+GENERATION_BATCH = 128  # prior samples per generate() call: a fixed size keeps texts identical on any rank count
 
 
 # ------------------------------------------------------------------------------ documents
@@ -271,10 +273,14 @@ def finish_likelihood(s: dict[str, torch.Tensor], rows: list[dict], kl_floor: fl
 
 
 @torch.no_grad()
+def generation_batch(cfg) -> int:
+    return max(cfg.eval.batch_size, GENERATION_BATCH)
+
+
 def generation_pass(model, rows: list[dict], cfg, num_samples: int, seed: int, device, tokenizer,
                     progress: bool) -> dict:
-    """Unconditional: num_samples texts from the prior, in KV-cached chunks of eval.batch_size seeded
-    by chunk start and dealt to ranks round robin; BLEU against the first num_samples documents (by
+    """Unconditional: num_samples texts from the prior, sample i seeded by (seed, i), generated in
+    KV-cached chunks of max(eval.batch_size, GENERATION_BATCH) dealt to ranks round robin; BLEU against the first num_samples documents (by
     content hash). Conditional: one continuation of each of those documents' prompts, BLEU
     against its own reference. Texts are gathered; rank 0 alone computes the text metrics (the
     others return empty metrics)."""
@@ -291,7 +297,7 @@ def generation_pass(model, rows: list[dict], cfg, num_samples: int, seed: int, d
                                  segment=cfg.data.segment)[0]
             produced.append((chosen[r["key"]], ids, r["text"]))
     else:
-        chunk = cfg.eval.batch_size
+        chunk = generation_batch(cfg)
         starts = list(range(0, num_samples, chunk))[rank::world]
         bar = tqdm(total=sum(min(chunk, num_samples - s) for s in starts), desc="generate", unit="sample",
                    disable=not progress)
@@ -361,12 +367,13 @@ def markdown_table(values: dict) -> str:
 
 def evaluate(args, extra: list[str]) -> Optional[dict]:
     from trace_dist.data import check_same_tokenizer, manifest
-    from trace_dist.distributed import init_distributed
+    from trace_dist.distributed import init_distributed, local_info
 
     start = time.time()
     model, cfg, tokenizer, vocab = load(args, extra)  # a bad checkpoint fails before any process group starts
     check_same_tokenizer(cfg.data.path, tokenizer, what=f"checkpoint {args.checkpoint}")
-    info = init_distributed()
+    # one process needs no process group (nor DeepSpeed's start-up): the collectives below are no-ops then
+    info = init_distributed() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else local_info()
     model.to(info.device)
     split = args.split or cfg.eval.split
     iw = args.iw_samples or cfg.eval.iw_samples
@@ -387,7 +394,7 @@ def evaluate(args, extra: list[str]) -> Optional[dict]:
         "split": split, "iw_samples": iw, "num_samples": len(generated["samples"]), "seed": seed,
         "world_size": info.world_size, "wall_time_s": round(time.time() - start, 2),
         "batching": {"token_budget": args.token_budget, "max_documents": args.max_documents,
-                     "generation_batch_size": cfg.eval.batch_size},
+                     "generation_batch_size": generation_batch(cfg)},
         "tokenization": metrics.TOKENIZATION,
         "token_count": "decoder-predicted tokens: segment tokens incl. each sep and the final eos; no bos/prompt",
         "text_count": "bpb_*: NLL in bits per UTF-8 byte, word_ppl_*: exp(NLL per whitespace word) of the text "

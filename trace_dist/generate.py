@@ -10,7 +10,8 @@ Texts given on the command line are encoded as `trace-dist prepare` encodes a do
 sentences longer than data.max_segment_tokens split). Reconstruction encodes with the posterior mean
 E_q[z|x] and decodes from it; interpolation decodes (1 - t) z_A + t z_B per segment position
 (Optimus-style) for t in linspace(0, 1, steps), over the first min(K_A, K_B) segments. Prior
-samples come in chunks of --batch-size seeded by (seed, chunk start), as in `trace-dist eval`.
+sample i is seeded by (seed, "generate", i), as in `trace-dist eval`; --batch-size changes only the
+speed (and, rarely, a token through float rounding of a differently sized batch).
 """
 
 from __future__ import annotations
