@@ -19,3 +19,16 @@ def test_adam_selection(adam, offload, cuda, torch_adam, monkeypatch):
     ds = cfg.deepspeed_config_dict(world_size=1)
     assert ds["optimizer"]["params"]["torch_adam"] is torch_adam
     assert cfg.adam_impl() == ("torch" if torch_adam else "deepspeed")
+
+
+def test_only_adam_optimizers_get_the_switch(tmp_path):
+    """A ds_config with another optimizer (SGD) must not receive Adam's `torch_adam` keyword."""
+    import json
+
+    from trace_dist.config import REPO_ROOT
+
+    ds = json.loads((REPO_ROOT / "ds_config.json").read_text())
+    ds["optimizer"] = {"type": "SGD", "params": {"lr": 0.1}}
+    (tmp_path / "sgd.json").write_text(json.dumps(ds))
+    cfg = load_config(["configs/tiny.yaml"], [f"deepspeed_config={tmp_path / 'sgd.json'}"])
+    assert "torch_adam" not in cfg.deepspeed_config_dict()["optimizer"]["params"]

@@ -166,8 +166,10 @@ class TraceConfig(_Section):
             zero.pop("offload_optimizer", None)
         ds.setdefault("bf16", {})["enabled"] = self.precision == "bf16"
         ds.setdefault("fp16", {})["enabled"] = self.precision == "fp16"
-        opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})
-        opt["torch_adam"] = self.adam_impl() == "torch"   # DeepSpeed's own kernel otherwise (see adam_impl)
+        optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+        opt = optimizer.setdefault("params", {})
+        if str(optimizer.get("type", "")).lower() in ("adam", "adamw"):  # the only ones with a torch_adam switch
+            opt["torch_adam"] = self.adam_impl() == "torch"   # DeepSpeed's own kernel otherwise (see adam_impl)
         if self.train.lr is not None:
             opt["lr"] = self.train.lr
         if self.train.weight_decay is not None:
