@@ -263,14 +263,13 @@ def micro_batch_loss(out, global_tokens: torch.Tensor, engine) -> torch.Tensor:
 
     DeepSpeed 0.19.8 divides each micro-batch's loss by gradient_accumulation_steps
     (`engine._scale_loss_by_gas`) and averages the gradient over the data-parallel ranks at every
-    ZeRO stage (0: `engine.allreduce_bucket`; 1-2: `gradient_reduction_w_predivide`/`average_tensor`;
-    3: `__avg_scatter_grads`/`__avg_scatter_contiguous_grads`: a
-    gradient_predivide_factor f is divided out before the reduction and multiplied back after, so
-    the net factor is 1/dp_world_size). Multiplying by both undoes that. The idempotency penalty is
-    a per-step term: added to every micro-batch unscaled, DeepSpeed's averaging leaves it once.
-    A micro-batch whose loss is non-finite is replaced by the next batch of the stream, scaled by
-    the same normaliser (the dropped batch's tokens stay in it: the step's count is fixed before
-    the first backward)."""
+    ZeRO stage (0: `engine.allreduce_bucket`; 1-2: `gradient_reduction_w_predivide`, `average_tensor`;
+    3: `__avg_scatter_grads`): a gradient_predivide_factor f is divided out before the reduction and
+    multiplied back after, so the net factor is 1/dp_world_size. Multiplying by both undoes that.
+    The idempotency penalty is a per-step term: added to every micro-batch unscaled, DeepSpeed's
+    averaging leaves it once. A micro-batch whose loss is non-finite is replaced by the next batch
+    of the stream and scaled by the same normaliser (the dropped batch's tokens stay in it: the
+    step's count is fixed before the first backward)."""
     scale = engine.gradient_accumulation_steps() * engine.dp_world_size / global_tokens.clamp_min(1).item()
     return out.objective * scale + out.penalty
 
