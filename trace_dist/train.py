@@ -3,10 +3,11 @@
 Runs under the `deepspeed` launcher, torchrun, Ray Train (`run_training(cfg, report=...)`) or as
 one plain process. Each optimizer step:
 
+    draw grad_accum micro-batches; N = their predicted tokens summed over ranks (one collective)
     for each micro-batch:  seed(seed, rank, data_position)   # noise is a function of position
                            out = engine(batch, beta, free_bits)
                            all ranks agree the loss is finite, else the batch is dropped
-                           engine.backward(out.loss); engine.step()
+                           engine.backward(micro_batch_loss(out, N)); engine.step()
     named sums reduced over ranks in one collective -> RunLog (metrics.jsonl, TensorBoard, progress bar)
 
 The `Trainer` is this loop over parts with one job each: `engine.build_engine` (model, resume,
@@ -38,6 +39,7 @@ from trace_dist.engine import build_engine
 from trace_dist.metrics import per_text
 from trace_dist.errors import UserError
 from trace_dist.launch import follow_wrapper
+from trace_dist.model.trace import predicted_tokens
 from trace_dist.runlock import RunLock
 from trace_dist.runlog import RunLog, per_segment, printer
 from trace_dist.schedule import kl_beta
@@ -156,13 +158,17 @@ class Trainer:
 
     def _optimizer_step(self, batches, beta: float) -> tuple[dict[str, torch.Tensor], object]:
         """grad_accum micro-batches and one DeepSpeed update; returns the named sums over micro-batches
-        and ranks (one collective) and the last micro-batch's output."""
+        and ranks (one collective) and the last micro-batch's output. The micro-batches are drawn first
+        so that every rank knows the step's global token count before the first backward."""
+        drawn = [self._draw(batches) for _ in range(self.cfg.train.grad_accum)]
+        global_tokens = global_token_count([batch for _, batch in drawn])
         sums: dict[str, torch.Tensor] = {}
-        for _ in range(self.cfg.train.grad_accum):
-            out, counts = self._finite_forward(batches, beta)
-            self.engine.backward(out.loss)
+        for position, batch in drawn:
+            out, counts = self._finite_forward(position, batch, batches, beta)
+            loss = micro_batch_loss(out, global_tokens, self.engine)
+            self.engine.backward(loss)
             self.engine.step()
-            accumulate(sums, {"loss": out.loss, "rec": out.rec_sum, "kl": out.kl_sum, "tokens": out.num_tokens,
+            accumulate(sums, {"loss": loss, "rec": out.rec_sum, "kl": out.kl_sum, "tokens": out.num_tokens,
                               "examples": out.num_examples, "micro_batches": 1.0,
                               "preempt": float(self.preempt.requested), "kl_per_segment": out.kl_per_segment_sum,
                               "segments": out.seg_count, **counts})
@@ -173,13 +179,18 @@ class Trainer:
             self._nonfinite("gradient norm, update skipped")
         return all_reduce_named(sums), out
 
-    def _finite_forward(self, batches, beta: float):
-        """Draw micro-batches until one has a finite loss on every rank (the others are dropped
-        before backward, on all ranks alike); returns it and the data counts of every batch drawn:
-        `bad_samples` (skipped by the stream) and any `cut_*` (cut by the length limits)."""
+    def _draw(self, batches) -> tuple[int, dict]:
+        """The next micro-batch and its data position (which seeds its sampling noise)."""
+        self.state["data_position"] += 1
+        return self.state["data_position"], to_device(next(batches), self.dist.device)
+
+    def _finite_forward(self, position: int, batch: dict, batches, beta: float):
+        """Forward `batch`, or, while the loss is non-finite on some rank, the next batch drawn (the
+        others are dropped before backward, on all ranks alike); returns the output and the data
+        counts of every batch used or dropped: `bad_samples` (skipped by the stream) and any `cut_*`."""
         counts: dict[str, torch.Tensor] = {}
         while True:
-            out, batch = self._forward(next(batches), beta)
+            out = self._forward(position, batch, beta)
             accumulate(counts, {k: v for k, v in batch.items() if k == "bad_samples" or k.startswith("cut_")})
             if all_reduce_sum(torch.tensor([float(not torch.isfinite(out.loss))])).item() == 0:
                 accumulate(counts, {"bytes": batch["num_bytes"].sum(), "words": batch["num_words"].sum()})
@@ -188,15 +199,14 @@ class Trainer:
                 return out, counts
             self.state["nonfinite_total"] += 1
             self._nonfinite("loss, batch skipped")
+            position, batch = self._draw(batches)
 
-    def _forward(self, batch: dict, beta: float):
-        self.state["data_position"] += 1
-        torch.manual_seed(step_seed(self.cfg.train.seed, self.dist.rank, self.state["data_position"]))
-        batch = to_device(batch, self.dist.device)
+    def _forward(self, position: int, batch: dict, beta: float):
+        torch.manual_seed(step_seed(self.cfg.train.seed, self.dist.rank, position))
         out = self.engine(batch, beta=beta, free_bits=self.cfg.kl.free_bits)
-        if self.state["data_position"] in self.cfg.train.fault_nonfinite_at:
+        if position in self.cfg.train.fault_nonfinite_at:
             out.loss = out.loss * float("nan")
-        return out, batch
+        return out
 
     def _nonfinite(self, what: str) -> None:
         self.nonfinite_in_row += 1
@@ -243,6 +253,29 @@ class Trainer:
 
     def _save(self) -> Path:
         return checkpoint.save(self.engine, self.cfg, self.state, self.tokenizer_file, self.dist.is_main)
+
+
+def global_token_count(micro_batches: list[dict]) -> torch.Tensor:
+    """The predicted tokens of an optimizer step's micro-batches on all ranks (one collective)."""
+    local = sum(predicted_tokens(b).item() for b in micro_batches)
+    return all_reduce_sum(torch.tensor(float(local), dtype=torch.float64))
+
+
+def micro_batch_loss(out, global_tokens: torch.Tensor, engine) -> torch.Tensor:
+    """What one micro-batch hands `engine.backward` so that the update's gradient is that of
+    Σ_global (CE + β·KL_fb) / global_tokens + penalty, however the global batch is split.
+
+    DeepSpeed 0.19.8 divides each micro-batch's loss by gradient_accumulation_steps
+    (`engine._scale_loss_by_gas`) and averages the gradient over the data-parallel ranks at every
+    ZeRO stage (0: `engine.allreduce_bucket`; 1-2: `gradient_reduction_w_predivide`, `average_tensor`;
+    3: `__avg_scatter_grads`): a gradient_predivide_factor f is divided out before the reduction and
+    multiplied back after, so the net factor is 1/dp_world_size. Multiplying by both undoes that.
+    The idempotency penalty is a per-step term: added to every micro-batch unscaled, DeepSpeed's
+    averaging leaves it once. A micro-batch whose loss is non-finite is replaced by the next batch
+    of the stream and scaled by the same normaliser (the dropped batch's tokens stay in it: the
+    step's count is fixed before the first backward)."""
+    scale = engine.gradient_accumulation_steps() * engine.dp_world_size / global_tokens.clamp_min(1).item()
+    return out.objective * scale + out.penalty
 
 
 def run_training(cfg: TraceConfig, report: Optional[Report] = None, lock_token: Optional[str] = None) -> dict:

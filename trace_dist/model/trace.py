@@ -25,7 +25,9 @@ BATCH_KEYS = ("tokens", "seg_ids", "loss_mask", "prompt_mask", "num_segments", "
 @dataclass
 class TraceOutput:
     """Per-micro-batch sums (all-reduce them across ranks) plus the local loss (docs/INTERFACES.md)."""
-    loss: torch.Tensor                # (rec_sum + beta * KL with free bits) / num_tokens (+ W penalty)
+    loss: torch.Tensor                # objective / num_tokens + penalty: this micro-batch's per-token loss
+    objective: torch.Tensor           # rec_sum + beta * KL with free bits, with grad (train.micro_batch_loss)
+    penalty: torch.Tensor             # idempotency penalty (with grad; 0 without): per step, not per token
     rec_sum: torch.Tensor             # sum of token cross-entropies (nats)
     kl_sum: torch.Tensor              # sum over examples, segments, dims (no free bits)
     num_tokens: torch.Tensor          # int64, predicted tokens
@@ -249,7 +251,7 @@ class TRACE(nn.Module):
             h, h_prompt, seg_mask = self.features(batch)
             sample = self.latent(h, seg_mask, h_prompt, eps=eps)
         rec_sum = self.reconstruction(batch, seg_ids, None if sample is None else sample.z).sum()
-        num_tokens = _loss_mask(batch).sum()
+        num_tokens = predicted_tokens(batch)
 
         K_max = self.cfg.max_segments
         if sample is None:
@@ -261,13 +263,15 @@ class TRACE(nn.Module):
             kl_fb_sum = (kl_fb * seg_mask[..., None]).sum()
             aux = dict(sample.aux)
         kl_sum = kl_seg.sum()
-        loss = (rec_sum + beta * kl_fb_sum) / num_tokens.clamp_min(1)
+        objective = rec_sum + beta * kl_fb_sum
         penalty = None if self.latent is None else self.latent.penalty()
         if penalty is not None:
-            loss = loss + penalty
             aux["idempotency_penalty"] = penalty.detach()
+        else:
+            penalty = rec_sum.new_zeros(())
         return TraceOutput(
-            loss=loss, rec_sum=rec_sum.detach(), kl_sum=kl_sum.detach(), num_tokens=num_tokens,
+            loss=objective / num_tokens.clamp_min(1) + penalty, objective=objective, penalty=penalty,
+            rec_sum=rec_sum.detach(), kl_sum=kl_sum.detach(), num_tokens=num_tokens,
             num_examples=batch["example_mask"].sum(),
             kl_per_segment_sum=_pad(kl_seg.detach().sum(0), K_max),
             seg_count=_pad(seg_mask.sum(0), K_max),
@@ -333,6 +337,11 @@ class TRACE(nn.Module):
         if self.has_latent:
             flops += 6 * p_stack + attention
         return int(flops)
+
+
+def predicted_tokens(batch: dict) -> torch.Tensor:
+    """int64 scalar: the tokens a batch's loss predicts (the per-token loss's denominator)."""
+    return _loss_mask(batch).sum()
 
 
 def _loss_mask(batch: dict) -> torch.Tensor:
