@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = common.prepare_pydoc(Path(tmp) / "pydoc")
         _, vocab = load_tokenizer(data)
-        small = ["model.n_layer=1", "model.block_size=64", "data.max_tokens=64"] if args.smoke else []
+        small = ["model.n_layer=1", "model.block_size=64", "data.max_tokens=64", "generation.max_new_tokens=64"] if args.smoke else []
         cfg = load_config([common.REPO / "configs/quickstart.yaml"], [f"data.path={data}", "train.micro_batch_size=4", *small])
     info = init_distributed()
     torch.manual_seed(0)

@@ -38,6 +38,7 @@ QUICK_ARGS = {
     "bench_self_bleu.py": ["--n", "150", "--big", "500"],
     "trainer_overhead.py": ["--quick"],
     "compute_efficiency.py": ["--quick"],
+    "latent_cost.py": ["--quick"],
     "eval_throughput.py": ["--quick"],
 }
 # Arguments in both modes. paper_claims.py is a study of many training runs (hours) whose own output

@@ -71,3 +71,8 @@ def test_run_all_collects_results(tmp_path):
     assert "abs_diff" in report["benchmarks"]["bench_self_bleu.py"]["figures"]
     md = (tmp_path / "results.md").read_text()
     assert "| bench_self_bleu.py | abs_diff |" in md and ("| met |" in md or "| MISSED |" in md)
+
+
+def test_latent_cost_smoke():
+    fig = run("latent_cost.py", "--smoke")
+    assert fig["trace_over_lm_step_ratio"] > 1  # the encoder and the latents cost something
