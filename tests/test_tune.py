@@ -279,3 +279,10 @@ def test_rendezvous_store_listens_on_master_addr_only():
     wide = _torch_create_store("127.0.0.1", wide_port, 0, 1, timedelta(seconds=30))
     assert listening(wide_port) - {"127.0.0.1", "::ffff:127.0.0.1"}, "torch's own store now listens on loopback only"
     del store, wide
+
+
+def test_results_table_has_the_validation_metrics_and_the_kl_floor():
+    from trace_dist.tune.results import columns
+
+    rows = [{"params": {"kl.beta": 0.5}, "metrics": {"val_loss": 1.0, "kl_floor": 4.0, "distinct_2": 0.5, "step": 8}}]
+    assert columns(rows) == (["kl.beta"], ["val_loss", "kl_floor", "distinct_2"])

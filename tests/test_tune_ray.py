@@ -77,7 +77,7 @@ def test_grid_search_survives_a_worker_failure_and_its_best_config_trains(tiny_d
     trials = {r["trial"].rsplit("_", 1)[1]: out / "trials" / r["trial"] for r in rows}
     failed = attempts(trials["00001"])
     assert len(failed) == 2 and failed[0]["resume"] is None and failed[1]["resume"].endswith("step00000002")
-    assert steps(trials["00001"]) == [1, 2, 3, 4, 3, 4]
+    assert steps(trials["00001"]) == [1, 2, 3, 4]  # steps 3-4 ran twice, and are logged once
     for index in ("00000", "00002", "00003"):
         assert len(attempts(trials[index])) == 1 and steps(trials[index]) == [1, 2, 3, 4]
     assert list((trials["00000"] / "tensorboard").glob("events.out.tfevents.*"))
@@ -201,7 +201,7 @@ def test_quick_search_optuna_asha_pareto_and_only_loopback_sockets(tiny_data, tm
     # The table carries every validation metric the trainer reported, the KL floor among them.
     with open(out / "results.csv") as f:
         header = next(csv.reader(f))
-    assert any(h.startswith("val_") and "kl_floor" in h for h in header), header
+    assert "kl_floor" in header, header
 
 
 # ------------------------------------------------------------------ a two-node cluster

@@ -13,13 +13,13 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from trace_dist.tune.spec import DIVERSITY_METRICS, METRIC_MODES, VALIDATION_PREFIX, Plot
+from trace_dist.tune.spec import DIVERSITY_METRICS, METRIC_MODES, MODEL_METRICS, VALIDATION_PREFIX, Plot
 
 
 def is_table_metric(name: str) -> bool:
     """Every validation metric the trainer reports, under its own name (so a metric it adds or
     renames needs no change here), and the diversity metrics."""
-    return name.startswith(VALIDATION_PREFIX) or name in DIVERSITY_METRICS
+    return name.startswith(VALIDATION_PREFIX) or name in MODEL_METRICS or name in DIVERSITY_METRICS
 
 
 def _number(x: Any) -> Optional[float]:
@@ -100,7 +100,8 @@ def columns(rows: list[dict]) -> tuple[list[str], list[str]]:
     validation: list[str] = []
     for r in rows:
         params += [k for k in r["params"] if k not in params]
-        validation += [m for m in r["metrics"] if m.startswith(VALIDATION_PREFIX) and m not in validation]
+        validation += [m for m in r["metrics"]
+                       if (m.startswith(VALIDATION_PREFIX) or m in MODEL_METRICS) and m not in validation]
     return params, validation + [m for m in DIVERSITY_METRICS if any(m in r["metrics"] for r in rows)]
 
 

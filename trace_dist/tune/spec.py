@@ -32,7 +32,8 @@ METRIC_MODES: dict[str, str] = {
     **{f"distinct_{n}": "max" for n in range(1, 5)},
 }
 DIVERSITY_METRICS = tuple(k for k in METRIC_MODES if k.startswith(("self_bleu_", "distinct_")))
-VALIDATION_PREFIX = "val_"  # the trainer's validation metrics (val_loss, val_kl, its KL floor, ...)
+VALIDATION_PREFIX = "val_"  # the trainer's validation metrics (val_loss, val_kl, val_bpb, ...)
+MODEL_METRICS = ("kl_floor",)  # reported with each validation: the analytic KL floor per segment (nats)
 # Keys the tuner owns in every trial config (one run directory per trial, resume from Ray).
 RESERVED_KEYS = ("train.output_dir", "checkpoint.resume")
 
