@@ -37,9 +37,22 @@ def test_torchrun_restarts_after_a_rank_is_killed_and_reproduces_the_curve(tiny_
     r = subprocess.run(torchrun(tiny_data, reference), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
 
-    out = tmp_path / "elastic"
-    log = (tmp_path / "elastic.log").open("w+")
-    proc = subprocess.Popen(torchrun(tiny_data, out, "--max-restarts", "1"), stdout=log, stderr=subprocess.STDOUT)
+    # Known flake (docs/STATUS.md): on the loaded 2-core box the restarted group sometimes fails in
+    # DeepSpeed's start-up (gloo connectFullMesh refused: one new rank is late). The scenario runs at
+    # most twice; one clean restart with the exact curve is required.
+    failures = []
+    for attempt in range(2):
+        ok, detail = _kill_one_rank_and_restart(tiny_data, tmp_path / f"elastic{attempt}")
+        if ok:
+            assert curve(tmp_path / f"elastic{attempt}") == curve(reference)   # fp32, ZeRO-2: exact
+            return
+        failures.append(detail)
+    pytest.fail("the restarted job failed twice:\n" + "\n---\n".join(failures))
+
+
+def _kill_one_rank_and_restart(data, out) -> tuple[bool, str]:
+    log = (out.parent / f"{out.name}.log").open("w+")
+    proc = subprocess.Popen(torchrun(data, out, "--max-restarts", "1"), stdout=log, stderr=subprocess.STDOUT)
     try:
         latest, deadline = out / "checkpoints" / "latest", time.time() + 300
         while not latest.exists():                            # the first checkpoint (step 2) is complete
@@ -47,15 +60,17 @@ def test_torchrun_restarts_after_a_rank_is_killed_and_reproduces_the_curve(tiny_
             time.sleep(0.05)
         rank_process(psutil.Process(proc.pid), 1).kill()      # SIGKILL one rank mid-run
         killed_at = len(curve(out))
-        assert proc.wait(600) == 0
+        rc = proc.wait(600)
     finally:
         if proc.poll() is None:
             proc.kill()
     log.seek(0)
     text = log.read()
     assert killed_at < 8, "the run finished before the kill"
+    if rc != 0:
+        return False, f"exit {rc}: " + text[-2000:]
     assert "resumed from" in text, text[-3000:]                # the restarted group resumed, not restarted cold
-    assert curve(out) == curve(reference)                      # fp32, ZeRO-2: exact
+    return True, ""
 
 
 FAKE_TRAIN = """#!/usr/bin/env bash
