@@ -9,7 +9,7 @@ In one process, at `--threads` intra-op threads (2: the issue's measurement):
      the trained weights are exported (a few steps make the zero-initialised latent injection
      non-zero, so the decoder reads z);
   3. the likelihood pass over the test split at `--iw-samples` (10): batched (`evaluate.likelihood_pass`,
-     default token budget) and batch-1 (tests/eval_reference.py: each document alone, as before
+     default token budget) and batch-1 (benchmarks/eval_reference.py: each document alone, as before
      batching; but `log_weights` now decodes a document's S samples together, which the code before
      did one by one, so batch-1 here is already faster than that code), alternating, `--repeats`
      each, the fastest of each kept (the box is shared):
@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,9 +49,7 @@ from trace_dist.distributed import free_port
 from trace_dist.model import TRACE
 from trace_dist.sampling import prior_chunk
 
-# the batch-1 side is the tests' oracle for batched evaluation: one copy, kept with the tests
-sys.path.insert(0, str(common.REPO / "tests"))
-from eval_reference import likelihood_pass_batch1  # noqa: E402
+from eval_reference import likelihood_pass_batch1  # noqa: E402  (also the tests' oracle)
 
 SMOKE = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.latent_size=8"]
 

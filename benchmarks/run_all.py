@@ -27,7 +27,7 @@ import common
 HERE = Path(__file__).resolve().parent
 # Tools beside the benchmarks: the GPU check (run on a GPU machine: its docstring), its wheel builder,
 # and the generator of docs/scaling.md's tables (run after results.json is rewritten).
-NOT_BENCHMARKS = {"common.py", "run_all.py", "gpu_check.py", "gpu_wheels.py", "scaling_projection.py"}
+NOT_BENCHMARKS = {"common.py", "eval_reference.py", "run_all.py", "gpu_check.py", "gpu_wheels.py", "scaling_projection.py"}
 # Second runs of a script with other arguments, under their own name.
 VARIANTS = {"zero_memory.py --precision bf16": ("zero_memory.py", ["--precision", "bf16"])}
 

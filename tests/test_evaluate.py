@@ -98,7 +98,7 @@ def _figures(model, cfg, sums, rows, seed=1):
 
 
 def test_batched_likelihood_equals_the_batch1_reference(tiny_export):
-    """Any token budget gives the figures of the former batch-1 path (tests/eval_reference.py): budget
+    """Any token budget gives the figures of the former batch-1 path (benchmarks/eval_reference.py): budget
     1 (every document is over it, so each runs alone), a few documents per batch, the whole split in
     one batch (documents of different lengths padded together)."""
     from eval_reference import likelihood_pass_batch1

@@ -10,15 +10,13 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import paper_claims
 import pytest
+
+from trace_dist.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "paper_claims.py"
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import paper_claims  # noqa: E402
-
-from trace_dist.config import load_config  # noqa: E402
 
 PAPER_CONFIGS = sorted((REPO / "configs" / "paper").glob("*.yaml"))
 

@@ -2,13 +2,11 @@
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
+import scaling_projection
 
-import scaling_projection  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_scaling_doc_matches_the_measurements():

@@ -20,7 +20,7 @@ generator, seeded by (seed, its content hash), in a fixed order (the ELBO sample
 importance samples, each [K, d] for its K latents), and padding is masked. So a document's numbers
 do not depend on its batch, the budget, the rank count or the device, up to float rounding of the
 batched matmuls (~1e-7 relative); the draws are exactly those of evaluating it alone on the CPU with
-`torch.manual_seed` of the same seed (tests/eval_reference.py, the former batch-1 path).
+`torch.manual_seed` of the same seed (benchmarks/eval_reference.py, the former batch-1 path).
 """
 
 from __future__ import annotations

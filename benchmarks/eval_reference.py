@@ -1,6 +1,6 @@
 """The batch-1 likelihood pass of `trace-dist eval` as it was before batching: the reference that
 batched evaluation must reproduce (tests/test_evaluate.py) and the "batch-1" side of
-benchmarks/eval_throughput.py.
+benchmarks/eval_throughput.py. It lives with the benchmarks, which the tests already import from.
 
 Each document runs alone (a batch of one, trimmed to its length) and the model draws its own noise
 from the global RNG, seeded by (seed, content hash) before each document; nothing is padded. (The
