@@ -1,6 +1,7 @@
-"""`trace-dist tune` end to end on real Ray: 2-worker DeepSpeed ZeRO-2 trials on tiny data, an
-injected worker failure retried from its checkpoint, Ctrl-C and --resume, the shipped quick search
-(Optuna + ASHA, a Pareto front, nothing but 127.0.0.1 on the wire), and a two-node cluster."""
+"""`trace-dist tune` end to end on real Ray, three searches: a grid search stopped with Ctrl-C and
+resumed (results, best.yaml), the shipped quick search (Optuna + ASHA, 2-worker DeepSpeed ZeRO-2
+trials, a Pareto front, nothing but 127.0.0.1 on the wire), and a two-node cluster whose trial
+loses a worker and resumes from its checkpoint."""
 
 import csv
 import ipaddress
@@ -50,53 +51,11 @@ def steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_grid_search_survives_a_worker_failure_and_its_best_config_trains(tiny_data, tmp_path):
-    search = write_search(tmp_path, tiny_data,
-                          space={"data.segment": {"grid": ["fixed:8", "fixed:16"]}, "kl.beta": {"grid": [0.5, 1.0]}},
-                          max_concurrency=2, fault_injection={"trial": 1, "at_report": 2})
-    out = tmp_path / "out"
-    proc = subprocess.run(tune_cmd(search, out), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    with open(out / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and {r["status"] for r in rows} == {"completed"}
-    assert {(r["data.segment"], float(r["kl.beta"])) for r in rows} == \
-        {(s, b) for s in ("fixed:8", "fixed:16") for b in (0.5, 1.0)}
-    for r in rows:  # the objective is val_bpb (bits/byte of the bound); val_ppl_bound is exp of the per-token loss
-        assert float(r["objective"]) == float(r["val_bpb"])
-        assert float(r["val_ppl_bound"]) == pytest.approx(2.718281828 ** float(r["val_loss"]), rel=1e-4)
-    best = min(rows, key=lambda r: float(r["objective"]))
-    assert json.loads((out / "results.json").read_text())["best_trial"] == best["trial"]
-    assert any(line.split()[:3] == ["trial", "status", "step"] for line in proc.stdout.splitlines())  # the table
-    assert f"best trial {best['trial']}" in proc.stdout
-    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
-
-    # The injected failure: trial 1's last rank raised at report 2 (step 4); Ray Train restarted the
-    # worker group from report 1's checkpoint (step 2), so steps 3-4 ran twice, steps 1-2 once.
-    trials = {r["trial"].rsplit("_", 1)[1]: out / "trials" / r["trial"] for r in rows}
-    failed = attempts(trials["00001"])
-    assert len(failed) == 2 and failed[0]["resume"] is None and failed[1]["resume"].endswith("step00000002")
-    assert steps(trials["00001"]) == [1, 2, 3, 4]  # steps 3-4 ran twice, and are logged once
-    for index in ("00000", "00002", "00003"):
-        assert len(attempts(trials[index])) == 1 and steps(trials[index]) == [1, 2, 3, 4]
-    assert list((trials["00000"] / "tensorboard").glob("events.out.tfevents.*"))
-
-    # best.yaml is the best trial's full config, ready for `trace-dist train`.
-    from trace_dist.config import load_config
-
-    cfg = load_config(out / "best.yaml")
-    assert (cfg.data.segment, cfg.kl.beta) == (best["data.segment"], float(best["kl.beta"]))
-    assert cfg.train.output_dir == str(out / "best") and cfg.zero.stage == 2
-    train = subprocess.run([sys.executable, "-m", "trace_dist.train", "--config", str(out / "best.yaml"),
-                            "train.max_steps=2"], capture_output=True, text=True, timeout=600)
-    assert train.returncode == 0, train.stderr[-3000:]
-    assert (out / "best" / "checkpoints" / "latest").read_text() == "step00000002"
-
-
-def test_interrupted_search_resumes_without_redoing_finished_trials(tiny_data, tmp_path):
-    # One worker per trial: what is tested here is Tune's experiment state, not the worker group.
-    search = write_search(tmp_path, tiny_data, space={"kl.beta": {"grid": [0.5, 1.0]}}, max_concurrency=1, workers=1)
+def test_interrupted_grid_search_resumes_reports_and_its_best_config_trains(tiny_data, tmp_path):
+    # One worker per trial: what is tested here is Tune's experiment state and the results; the
+    # worker group (and its restart after a failure) is tested on two nodes below.
+    search = write_search(tmp_path, tiny_data, space={"data.segment": {"grid": ["fixed:8", "fixed:16"]}},
+                          max_concurrency=1, workers=1)
     out = tmp_path / "out"
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(tune_cmd(search, out), stdout=log, stderr=subprocess.STDOUT)
@@ -115,13 +74,34 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(tiny_data, t
 
     proc = subprocess.run(tune_cmd(search, out, "--resume"), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(out / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert sorted(float(r["kl.beta"]) for r in rows) == [0.5, 1.0] and {r["status"] for r in rows} == {"completed"}
     assert len(attempts(done)) == 1 and steps(done) == [1, 2, 3, 4]  # the finished trial did not run again
     (resumed,) = list((out / "trials").glob("*_00001"))
     assert len(attempts(resumed)) >= 2 and steps(resumed)[-1] == 4
+    assert list((done / "tensorboard").glob("events.out.tfevents.*"))
 
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["data.segment"] for r in rows) == ["fixed:16", "fixed:8"]
+    assert {r["status"] for r in rows} == {"completed"}
+    for r in rows:  # the objective is val_bpb (bits/byte of the bound); val_ppl_bound is exp of the per-token loss
+        assert float(r["objective"]) == float(r["val_bpb"])
+        assert float(r["val_ppl_bound"]) == pytest.approx(2.718281828 ** float(r["val_loss"]), rel=1e-4)
+    best = min(rows, key=lambda r: float(r["objective"]))
+    assert json.loads((out / "results.json").read_text())["best_trial"] == best["trial"]
+    assert any(line.split()[:3] == ["trial", "status", "step"] for line in proc.stdout.splitlines())  # the table
+    assert f"best trial {best['trial']}" in proc.stdout
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+    # best.yaml is the best trial's full config, ready for `trace-dist train`.
+    from trace_dist.config import load_config
+
+    cfg = load_config(out / "best.yaml")
+    assert cfg.data.segment == best["data.segment"]
+    assert cfg.train.output_dir == str(out / "best") and cfg.zero.stage == 2
+    train = subprocess.run([sys.executable, "-m", "trace_dist.train", "--config", str(out / "best.yaml"),
+                            "train.max_steps=2"], capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert (out / "best" / "checkpoints" / "latest").read_text() == "step00000002"
 
 
 # ------------------------------------------------------------------ the shipped quick search
@@ -256,9 +236,10 @@ LOOPBACK_WORKER_NODE = ("import sys; from ray._private import services; "
                         "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()")
 
 
-def test_two_node_cluster_spreads_a_trials_workers_over_both_nodes(tiny_data, tmp_path):
+def test_two_node_cluster_spreads_a_trials_workers_and_survives_a_worker_failure(tiny_data, tmp_path):
     """`ray start --head` + `ray start --address` (both on 127.0.0.1, one rank slot each), then
-    `trace-dist tune --address`: the trial's 2 workers must run on the 2 nodes."""
+    `trace-dist tune --address`: the trial's 2 workers must run on the 2 nodes; its last rank raises
+    at report 2 and Ray Train restarts the group, on both nodes again, from report 1's checkpoint."""
     ray_cli = str(Path(sys.executable).parent / "ray")  # the head: Ray's own CLI
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live under it
     port = free_port()
@@ -278,7 +259,8 @@ def test_two_node_cluster_spreads_a_trials_workers_over_both_nodes(tiny_data, tm
             wait_for(log, "Ray runtime started", nodes[-1], timeout=240)
 
         search = write_search(tmp_path, tiny_data, space={"kl.beta": {"grid": [0.5]}}, max_concurrency=1,
-                              resources_per_worker={"CPU": 1, "rank_slot": 1}, env={"GLOO_SOCKET_IFNAME": "lo"})
+                              resources_per_worker={"CPU": 1, "rank_slot": 1}, env={"GLOO_SOCKET_IFNAME": "lo"},
+                              fault_injection={"trial": 0, "at_report": 2})
         out = tmp_path / "out"
         proc = subprocess.run(tune_cmd(search, out, "--address", f"127.0.0.1:{port}"), capture_output=True, text=True,
                               timeout=900)
@@ -286,8 +268,14 @@ def test_two_node_cluster_spreads_a_trials_workers_over_both_nodes(tiny_data, tm
         (trial,) = json.loads((out / "results.json").read_text())["trials"]
         assert trial["status"] == "completed"
         workers = [json.loads(line) for line in (out / "trials" / trial["trial"] / "workers.jsonl").read_text().splitlines()]
-        assert sorted(w["rank"] for w in workers) == [0, 1]
-        assert len({w["node_id"] for w in workers}) == 2 and {w["node_ip"] for w in workers} == {"127.0.0.1"}
+        assert sorted(w["rank"] for w in workers) == [0, 0, 1, 1]  # two groups: the first and its restart
+        for group in (workers[:2], workers[2:]):
+            assert len({w["node_id"] for w in group}) == 2 and {w["node_ip"] for w in group} == {"127.0.0.1"}
+        # Steps 3-4 ran twice (after the restart from step 2), and are logged once.
+        run = out / "trials" / trial["trial"]
+        tried = attempts(run)
+        assert len(tried) == 2 and tried[0]["resume"] is None and tried[1]["resume"].endswith("step00000002")
+        assert steps(run) == [1, 2, 3, 4]
     finally:
         for node in reversed(nodes):
             stop_tree(node)

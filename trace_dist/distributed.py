@@ -50,6 +50,8 @@ def init_distributed() -> DistInfo:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     jit_lock.guard()  # a build lock left by a killed process would make DeepSpeed's start wait forever
+    if not dist.is_initialized() and elastic_attempt() is not None:
+        _join_elastic_attempt()  # DeepSpeed then finds the group made and keeps it
     deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     if backend() == "gloo":
@@ -61,6 +63,40 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
     return DistInfo(rank, local_rank, world, device)
+
+
+def elastic_attempt() -> int | None:
+    """torchrun's restart count when its agent hosts the rendezvous store, else None."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def _join_elastic_attempt() -> None:
+    """The default group of this torchrun attempt, on keys of its own.
+
+    torchrun's agent keeps ONE store for the whole job (static and c10d rendezvous alike), and the
+    workers' `env://` rendezvous reuses it without a per-attempt prefix (torch assumes a fresh store
+    per restart). A restarted group then reads the previous attempt's gloo addresses under the same
+    keys: a rank connects to a dead peer ("connectFullMesh ... Connection refused") or both ranks
+    wait on each other for the 30-minute timeout. Prefixing the store with the attempt gives every
+    attempt fresh keys."""
+    from datetime import timedelta
+
+    timeout = timedelta(minutes=30)  # DeepSpeed's default for init_distributed, as before
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    dist.init_process_group(backend(), store=dist.PrefixStore(f"trace_dist/attempt_{elastic_attempt()}", store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                            timeout=timeout)
+
+
+def leave_distributed() -> None:
+    """Destroy the default group before the process exits (CLI entry points only: Ray Train owns its
+    workers' group). A gloo group left to the interpreter's teardown can abort the process
+    ("terminate called without an active exception"), which a launcher reports as a failed rank."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_info() -> DistInfo:

@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from trace_dist import metrics
 from trace_dist.config import EvalConfig, choices
-from trace_dist.distributed import all_reduce_named
+from trace_dist.distributed import all_reduce_named, leave_distributed
 from trace_dist.errors import UserError
 from trace_dist.sampling import prior_chunk, seeded_generator, stable_seed, text_of
 
@@ -447,8 +447,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if getattr(args, name) is not None and getattr(args, name) < least:
             raise UserError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     evaluate(args, args.overrides)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_distributed()
     return 0
 
 

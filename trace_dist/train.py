@@ -34,7 +34,8 @@ import torch
 from trace_dist import checkpoint, mfu
 from trace_dist.config import TraceConfig, load_config
 from trace_dist.data import tokens_by_source
-from trace_dist.distributed import DistInfo, accumulate, all_reduce_named, all_reduce_sum, init_distributed
+from trace_dist.distributed import (DistInfo, accumulate, all_reduce_named, all_reduce_sum, init_distributed,
+                                    leave_distributed)
 from trace_dist.engine import build_engine
 from trace_dist.metrics import per_text
 from trace_dist.errors import UserError
@@ -303,12 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg, args = parse_args(argv)
         lock_token = follow_wrapper(args.wrapper) if args.wrapper else None
         result = run_training(cfg, lock_token=lock_token)
-    except UserError as e:
+    except (UserError, NonFiniteError) as e:
         print(f"trace-dist train: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:
-        print(f"trace-dist train: {e}", file=sys.stderr)
-        return 3
+        leave_distributed()
+        return 3 if isinstance(e, NonFiniteError) else 2
+    leave_distributed()
     if result["status"] == "completed":
         print(f"[trace-dist] done: {result['step']} steps; checkpoints in {cfg.checkpoint_dir}; "
               f"TensorBoard: tensorboard --logdir {cfg.tensorboard_dir} --host 127.0.0.1", file=sys.stderr)
