@@ -66,3 +66,15 @@ def tiny_data(tmp_path_factory) -> Path:
                   "--valid-fraction", "0.1", "--test-fraction", "0.1"])
     assert rc == 0, "preparing tiny_data failed"
     return out
+
+
+def pytest_collection_modifyitems(items):
+    """Slow tests first (Ray searches, then the other multi-process ones), so that the two xdist
+    workers (pyproject.toml: -n 2) share the long ones instead of one worker ending on them alone.
+    Stable: within each class the files keep their order."""
+    def rank(item) -> int:
+        if item.get_closest_marker("slow") is None:
+            return 2
+        return 0 if item.path.name == "test_tune_ray.py" else 1
+
+    items.sort(key=rank)

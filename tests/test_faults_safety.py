@@ -413,13 +413,25 @@ def _start_deepspeed_comm():
 
 @pytest.mark.slow
 def test_deepspeed_starts_despite_a_stale_lock_of_its_comm_op(extensions_dir, tmp_path):
-    """The real fault: a stale lock in the build directory of DeepSpeed's CPU comm op (a fresh
-    TORCH_EXTENSIONS_DIR, so the op really JIT-builds, ~30 s). Without the guard this start never ends."""
-    lock = extensions_dir / "deepspeed_shm_comm" / "lock"
-    lock.parent.mkdir(parents=True)
+    """The real fault: a stale lock in the build directory of DeepSpeed's CPU comm op, which torch's
+    loader takes on every start, built or not. Without the guard this start never ends. The build
+    directory is a copy of this machine's built op when there is one (torch then only checks that it
+    is up to date), else the op really JIT-builds here (~30 s)."""
+    import shutil
+
+    from trace_dist.jit_lock import extensions_root
+
+    with pytest.MonkeyPatch.context() as env:  # where the other tests' DeepSpeed starts built it
+        env.delenv("TORCH_EXTENSIONS_DIR")
+        built = sorted(extensions_root().glob("*/deepspeed_shm_comm/*.so"))  # <root>/<pyXY_device>/<name>
+    build = extensions_dir / "deepspeed_shm_comm"
+    if built:
+        shutil.copytree(built[0].parent, build, ignore=shutil.ignore_patterns("lock"))
+    build.mkdir(parents=True, exist_ok=True)
+    lock = build / "lock"
     lock.touch()
     assert run_ranks(_start_deepspeed_comm, 1, tmp_path=tmp_path, timeout=400) == [True]
-    assert not lock.exists() and any(extensions_dir.glob("deepspeed_shm_comm/*.so"))
+    assert not lock.exists() and any(build.glob("*.so"))
 
 
 def test_eval_refuses_data_of_another_tokenizer_before_starting(conditional_export, tmp_path, capsys):
