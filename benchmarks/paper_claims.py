@@ -66,6 +66,7 @@ TEMPERATURES = (0.7, 0.85, 1.0, 1.2)
 GROUPS = 4          # disjoint groups of samples per (run, temperature): the bootstrap's sample level
 BOOTSTRAP = 1000    # hierarchical bootstrap replicates
 MI_BOOTSTRAP = 100  # document resamples of each run's MI
+MI_TOL = 1e-6       # nats: MI at or below this is 0 (posteriors that say nothing give 0 up to float rounding)
 DIVERSITY = (("self_bleu_4", "Self-BLEU-4", True), ("distinct_2", "Distinct-2", False))  # (key, name, lower is better)
 QUALITY = "bleu_4"
 TEXT_KEYS = (QUALITY, *(key for key, _, _ in DIVERSITY))
@@ -357,7 +358,7 @@ def judge_claims(rows: list[dict], speed: dict | None = None, replicates: int = 
     floor_ok = bool(trace_runs) and all(r["kl_seg_min"] >= r["kl_floor"] - 1e-6 and r["kl"] > 0 for r in trace_runs)
     mi = {m: scalar_ci(rows, m, "mi_seg_mean", replicates, inner="mi_boot") for m in MODELS if m in ok and m != "LM"}
     mi = {m: v for m, v in mi.items() if v}
-    informative = {m for m, v in mi.items() if v["ci"][0] > 0}
+    informative = {m for m, v in mi.items() if v["ci"][0] > MI_TOL}
     holds_a = floor_ok and all(m in informative for m in TRACE_MODELS if m in mi) and TRACE_MAIN in informative
     verdicts["a"] = {"holds": holds_a, "mi": {m: {"mean": v["mean"], "ci": v["ci"]} for m, v in mi.items()},
                      "evidence": f"TRACE runs with every segment's KL >= floor: "
