@@ -67,6 +67,10 @@ def test_zero_stages_give_the_same_losses(tiny_data, tmp_path):
     assert z[0] == z[1] == z[2] == z["2offload"]  # fp32, torch AdamW: bitwise
     assert z[3] == pytest.approx(z[0], rel=1e-5)
     assert z["3resumed"] == pytest.approx(z[3], rel=1e-5)  # steps 3-4 re-run from the step-2 checkpoint
+    # the pre-clipping gradient norm: DeepSpeed's at ZeRO >= 1, ours at ZeRO-0 (DeepSpeed has none there)
+    norms = {s: curve(tmp_path / f"z{s}", "grad_norm") for s in (0, 1, 2, 3)}
+    assert all(n > 0 for n in norms[0]) and norms[0] == pytest.approx(norms[2], rel=1e-5)
+    assert norms[1] == pytest.approx(norms[2], rel=1e-5) and norms[3] == pytest.approx(norms[2], rel=1e-4)
     val = [json.loads((tmp_path / f"z{s}" / "val_metrics.jsonl").read_text().splitlines()[-1])
            for s in (0, 3)]
     assert val[0]["val_loss"] == pytest.approx(val[1]["val_loss"], rel=1e-5)

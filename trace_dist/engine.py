@@ -52,3 +52,16 @@ def build_engine(cfg: TraceConfig, dist: DistInfo, vocab, log: Callable[[str], N
         state.update(client["trace"])
         log(f"resumed from {save_dir / resume[1]} at step {state['step']}")
     return engine, state
+
+
+def full_grad_norm(engine) -> float | None:
+    """The global L2 norm of the gradients, read off the parameters, where DeepSpeed will not report
+    one: at ZeRO-0 with a plain fp32 optimizer `get_global_grad_norm()` stays None (its clipping
+    discards the norm it computes). Call after the last backward of a step and before
+    `engine.step()`, which zeroes the gradients; at ZeRO-0 every rank holds the all-reduced full
+    gradients, so every rank gets the same value. None where the gradients are partitioned (ZeRO >= 1:
+    DeepSpeed reports the norm itself)."""
+    if engine.zero_optimization_stage() > 0:
+        return None
+    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None

@@ -36,7 +36,7 @@ from trace_dist.config import TraceConfig, load_config
 from trace_dist.data import tokens_by_source
 from trace_dist.distributed import (DistInfo, accumulate, all_reduce_named, all_reduce_sum, init_distributed,
                                     leave_distributed)
-from trace_dist.engine import build_engine
+from trace_dist.engine import build_engine, full_grad_norm
 from trace_dist.metrics import per_text
 from trace_dist.errors import UserError
 from trace_dist.launch import follow_wrapper
@@ -122,6 +122,7 @@ class Trainer:
                                     cfg.train.seed, start_step=self.state["data_position"],
                                     conditional=cfg.model.conditional))
         self.preempt, self.nonfinite_in_row = Preemption(), 0
+        self.grad_norm: Optional[float] = None  # full_grad_norm of the last step, where DeepSpeed has none
         result = {"status": "completed", "last_checkpoint": self.state["step"]}
         self.engine.train()
         try:
@@ -164,10 +165,12 @@ class Trainer:
         drawn = [self._draw(batches) for _ in range(self.cfg.train.grad_accum)]
         global_tokens = global_token_count([batch for _, batch in drawn])
         sums: dict[str, torch.Tensor] = {}
-        for position, batch in drawn:
+        for i, (position, batch) in enumerate(drawn):
             out, counts = self._finite_forward(position, batch, batches, beta)
             loss = micro_batch_loss(out, global_tokens, self.engine)
             self.engine.backward(loss)
+            if i == len(drawn) - 1:  # before step() zeroes them
+                self.grad_norm = full_grad_norm(self.engine)
             self.engine.step()
             accumulate(sums, {"loss": loss, "rec": out.rec_sum, "kl": out.kl_sum, "tokens": out.num_tokens,
                               "examples": out.num_examples, "micro_batches": 1.0,
@@ -219,6 +222,8 @@ class Trainer:
     def _train_record(self, s: dict[str, torch.Tensor], beta: float, out, seconds: float) -> dict:
         tokens, examples = max(s["tokens"].item(), 1.0), max(s["examples"].item(), 1.0)
         per_device = s["tokens"].item() / seconds / self.dist.world_size
+        norm = self.engine.get_global_grad_norm()
+        norm = self.grad_norm if norm is None else norm
         record = {
             "step": self.state["step"],
             "loss": s["loss"].item() / max(s["micro_batches"].item(), 1.0),
@@ -226,13 +231,14 @@ class Trainer:
             "kl": s["kl"].item() / examples,
             "beta": beta,
             "lr": self.engine.get_lr()[0],
-            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
             "tokens": self.state["tokens"],
             "tokens_per_s": s["tokens"].item() / seconds,
             "tokens_per_s_per_device": per_device,
             "mfu": mfu.mfu(per_device, self.flops_per_token, self.peak),
             "samples_per_s": s["examples"].item() / seconds,
             "kl_floor": float(out.kl_floor),  # per segment, nats
+            # pre-clipping global norm; absent (never a made-up 0) if neither DeepSpeed nor we have it
+            **({} if norm is None else {"grad_norm": float(norm)}),
             "nonfinite_total": self.state["nonfinite_total"],
             "skipped_steps": self.state["skipped_steps"],
             "bad_samples": s["bad_samples"].item(),
