@@ -49,7 +49,7 @@ from trace_dist.distributed import free_port
 from trace_dist.model import TRACE
 from trace_dist.sampling import prior_chunk
 
-from eval_reference import likelihood_pass_batch1  # noqa: E402  (also the tests' oracle)
+from eval_reference import likelihood_pass_batch1  # also the tests' oracle
 
 SMOKE = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.latent_size=8"]
 

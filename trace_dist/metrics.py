@@ -117,9 +117,10 @@ def mutual_info(mean: torch.Tensor, logvar: torch.Tensor, eps: Optional[torch.Te
         eps = torch.randn(mu.shape, generator=generator, dtype=torch.float64)
     elif eps.numel() != mu.numel():
         raise ValueError(f"eps must have {mu.numel()} elements like mean, got shape {tuple(eps.shape)}")
-    z = mu + (0.5 * lv).exp() * eps.reshape(n, d).double()  # [N, D] one sample per posterior
+    eps = eps.reshape(n, d).double()
+    z = mu + (0.5 * lv).exp() * eps                                        # [N, D] one sample per posterior
 
-    log_q_self = -0.5 * (d * LOG_2PI + lv.sum(1) + (eps.reshape(n, d).double() ** 2).sum(1))  # [N] log q(z_n|x_n)
+    log_q_self = -0.5 * (d * LOG_2PI + lv.sum(1) + (eps * eps).sum(1))    # [N] log q(z_n|x_n)
     # log N(z_i; mu_m, v_m) for all pairs via the expanded square (matmuls, no [N, N, D] tensor):
     # sum_j (z_ij - mu_mj)^2 / v_mj = z_i^2 . 1/v_m - 2 z_i . mu_m/v_m + sum_j mu_mj^2 / v_mj
     # (centring first keeps the expanded terms small: their float64 cancellation error is
