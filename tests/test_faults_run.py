@@ -107,11 +107,13 @@ def test_sigkill_of_the_wrapper_takes_its_ranks_along_and_a_restart_takes_over(t
     proc.wait()
     gone, alive = psutil.wait_procs(tree, timeout=15)
     assert not alive, [p.cmdline() for p in alive]
-    # the dead wrapper's lock is taken over; the run resumes from its last complete checkpoint
-    r = run(train_cmd(tiny_data, out, *args[:-1], "train.samples_to_log=0", "train.max_steps=6"))
+    # The dead wrapper's lock is taken over; the run resumes from its last complete checkpoint
+    # (wherever the ranks got to before they followed the wrapper) and trains two more steps.
+    last = int((out / "checkpoints" / "latest").read_text().removeprefix("step"))
+    r = run(train_cmd(tiny_data, out, *args[:-1], "train.samples_to_log=0", f"train.max_steps={last + 2}"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "taking over" in r.stderr and "resumed from" in r.stderr
-    assert (out / "checkpoints" / "latest").read_text() == "step00000006"
+    assert "taking over" in r.stderr and f"resumed from {out / 'checkpoints' / f'step{last:08d}'}" in r.stderr
+    assert (out / "checkpoints" / "latest").read_text() == f"step{last + 2:08d}"
 
 
 # ------------------------------------------------------------------ R1, R2, R9: resume falls back, logs do not repeat
