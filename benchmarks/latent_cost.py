@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
         size, B, repeats = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, latent_size=16, max_segments=4), 2, 2
     else:
         size = dict(n_layer=4, n_head=6, n_embd=384, block_size=256, latent_size=32, max_segments=8)
-        B, repeats = args.batch, 3 if args.quick else 7
+        B, repeats = args.batch, 5 if args.quick else 9
     vocab = Vocab(size=512 if args.smoke else 4096, bos=1, eos=2, pad=0, sep=3)
     batch = full_batch(vocab, B, size["block_size"], size["max_segments"], device)
 
