@@ -94,13 +94,21 @@ def test_gradient_accumulation_consumes_grad_accum_batches_per_step(tiny_data, t
     assert kept == ["latest", "step00000002"]  # keep_last=1 pruned step 1
 
 
+def _train_each(data, root, runs: dict):
+    """One process, one run after another: {name: extra overrides} -> run directories root/name."""
+    for name, extra in runs.items():
+        _train(data, root / name, extra)
+
+
 def test_activation_checkpointing_gives_identical_losses(tiny_data, tmp_path):
-    runs = {}
     # fairscale (reentrant) with the shared blocks of this config is refused by the config (test_config)
-    for name, extra in {"off": [], "torch": ["model.activation_checkpointing=true", "model.checkpoint_impl=torch"],
-                        "auto": ["model.activation_checkpointing=true"]}.items():
-        run_ranks(_train, 1, tiny_data, tmp_path / name, ["train.max_steps=3", "train.samples_to_log=0", *extra],
-                  tmp_path=tmp_path)
+    variants = {"off": [], "torch": ["model.activation_checkpointing=true", "model.checkpoint_impl=torch"],
+                "auto": ["model.activation_checkpointing=true"]}
+    run_ranks(_train_each, 1, tiny_data, tmp_path,
+              {name: ["train.max_steps=3", "train.samples_to_log=0", *extra] for name, extra in variants.items()},
+              tmp_path=tmp_path)
+    runs = {}
+    for name, extra in variants.items():
         config = (tmp_path / name / "config.yaml").read_text()
         assert ("activation_checkpointing: true" in config) == bool(extra)  # the switch really reached the run
         runs[name] = curve(tmp_path / name)

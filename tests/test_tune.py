@@ -82,7 +82,8 @@ def test_invalid_search_fields_are_named(tmp_path, fields, message):
         load_search(write_search(tmp_path, **fields))
 
 
-@pytest.mark.parametrize("case", ["bad key", "no data", "no manifest", "bad override"])
+@pytest.mark.parametrize("case", ["bad key", "no data", "no manifest", "bad override", "bad trials",
+                                  "trials on resume"])
 def test_bad_search_or_data_exits_2_in_one_line_before_ray_starts(tmp_path, tiny_data, case):
     """`trace-dist tune` itself: one line naming the culprit, exit 2, Ray never imported, nothing written."""
     unprepared = tmp_path / "unprepared"  # a directory, but `trace-dist prepare` never wrote it
@@ -94,6 +95,10 @@ def test_bad_search_or_data_exits_2_in_one_line_before_ray_starts(tmp_path, tiny
         "no manifest": (unprepared, {"kl.beta": {"uniform": [0.1, 1.0]}}, [], f"no {unprepared}/manifest.json"),
         "bad override": (tiny_data, {"kl.beta": {"uniform": [0.1, 1.0]}}, ["train.max_stpes=3"],
                          "train.max_stpes: not a key of the training config (did you mean 'train.max_steps'?)"),
+        "bad trials": (tiny_data, {"kl.beta": {"uniform": [0.1, 1.0]}}, ["--trials", "0"],
+                       "--trials: must be at least 1 (got 0)"),
+        "trials on resume": (tiny_data, {"kl.beta": {"uniform": [0.1, 1.0]}}, ["--trials", "3", "--resume"],
+                             "--trials: a resumed search keeps the trials it was started with"),
     }[case]
     bad = write_search(tmp_path, space=space, base={"config": [str(REPO / "configs/tiny.yaml")],
                                                     "overrides": {"data.path": str(data)}})
@@ -118,6 +123,13 @@ def test_command_line_overrides_apply_last_and_are_recorded(tmp_path):
         load_search(search, ["kl.beta"])
     with pytest.raises(ConfigError, match=r"kl\.free_bits: Input should be greater than or equal to 0"):
         load_search(search, ["kl.free_bits=-1"])
+
+
+def test_trials_from_the_command_line_replace_the_files_and_are_recorded(tmp_path):
+    search = write_search(tmp_path, trials=4)
+    spec, _ = load_search(search, trials=2)
+    assert spec.trials == 2 and num_samples(spec) == 2
+    assert load_search(search)[0].trials == 4
 
 
 # ------------------------------------------------------------- param space

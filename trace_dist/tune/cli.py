@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="join a running Ray cluster ('auto' or HOST:PORT); "
                                      "default: start a local Ray instance")
     p.add_argument("--resume", action="store_true", help="continue the interrupted search in the output directory")
+    p.add_argument("--trials", type=int, help="number of trials (replaces the config's `trials`)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value of the base training config (after base.overrides)")
     return p
 
@@ -60,7 +61,11 @@ def storage_for(spec: SearchConfig, out: Path) -> str:
 
 def prepare(args: argparse.Namespace) -> tuple[SearchConfig, Plan, Path]:
     """Everything that can fail on bad input, without Ray. Raises ConfigError."""
-    spec, base = load_search(args.config, args.overrides)
+    if args.trials is not None and args.resume:
+        raise ConfigError("--trials: a resumed search keeps the trials it was started with; drop --trials")
+    if args.trials is not None and args.trials < 1:
+        raise ConfigError(f"--trials: must be at least 1 (got {args.trials})")
+    spec, base = load_search(args.config, args.overrides, trials=args.trials)
     base = base.resolved()  # Ray workers run in other directories and on other nodes
     out = Path(args.output or spec.output or f"runs/tune/{spec.name}").resolve()
     preflight_trials(spec, base, out / "trials")

@@ -226,13 +226,17 @@ class SearchConfig(_Section):
 
 
 # ------------------------------------------------------------------ loading
-def load_search(path: str | Path, overrides: list[str] = ()) -> tuple[SearchConfig, TraceConfig]:
+def load_search(path: str | Path, overrides: list[str] = (), trials: Optional[int] = None
+                ) -> tuple[SearchConfig, TraceConfig]:
     """Parse + validate the search file, its base config and its space. Raises ConfigError.
 
-    `overrides` ('train.max_steps=20', as for `trace-dist train`) join base.overrides, last.
+    `overrides` ('train.max_steps=20', as for `trace-dist train`) join base.overrides, last;
+    `trials` (the command line's --trials) replaces the file's `trials`.
     """
     path = Path(path)
     raw = read_yaml(path)  # the training configs' reader: same errors, same `extends:`
+    if trials is not None:
+        raw["trials"] = trials
     try:
         spec = SearchConfig.model_validate(raw)
     except ValidationError as e:
