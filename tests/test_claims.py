@@ -73,6 +73,13 @@ def _one_sgd_step(data, root, ds_config, clip):
     return update, grad_norm
 
 
+def _free_then_clipped(data, root, ds_config):
+    """The step without clipping, then with a clip far below that step's gradient norm (clipping must act)."""
+    free = _one_sgd_step(data, root, ds_config, 0.0)
+    clip = free[1] / 100
+    return free, _one_sgd_step(data, root, ds_config, clip), clip
+
+
 @pytest.mark.slow
 def test_gradient_clipping_bounds_the_update(tiny_data, tmp_path):
     ds = json.loads(open("ds_config.json").read())
@@ -82,12 +89,8 @@ def test_gradient_clipping_bounds_the_update(tiny_data, tmp_path):
     ds_config = tmp_path / "ds_sgd.json"
     ds_config.write_text(json.dumps(ds))
 
-    def step(clip):
-        return run_ranks(_one_sgd_step, 1, tiny_data, tmp_path, ds_config, clip, tmp_path=tmp_path)[0]
-
-    free, grad_norm = step(0.0)
-    clip = grad_norm / 100                              # far below the gradient's norm: clipping must act
-    clipped, grad_norm_again = step(clip)
+    (free, grad_norm), (clipped, grad_norm_again), clip = run_ranks(_free_then_clipped, 1, tiny_data, tmp_path,
+                                                                    ds_config, tmp_path=tmp_path)[0]
     assert grad_norm_again == grad_norm                 # same seed, same batch, same gradient
     assert free.norm().item() == pytest.approx(LR * grad_norm, rel=1e-4)     # clip 0: the raw gradient
     assert clipped.norm().item() == pytest.approx(LR * clip, rel=1e-4)       # clipped to norm `clip`

@@ -10,19 +10,22 @@ from dist_utils import run_ranks
 STEPS = 10
 
 
-def _train_timed(data, out, extra) -> tuple[float, int]:
-    """-> (seconds, graphs dynamo compiled in this process)."""
+def _train_timed(data, root, runs: dict) -> dict[str, tuple[float, int]]:
+    """One process, the runs in turn: {name: extra overrides} -> {name: (seconds, graphs dynamo compiled)}."""
     from torch._dynamo.utils import counters
 
     from trace_dist.config import load_config
     from trace_dist.train import run_training
 
-    cfg = load_config(["configs/tiny.yaml"], [
-        f"data.path={data}", f"train.output_dir={out}", f"train.max_steps={STEPS}", "train.samples_to_log=0",
-        "train.eval_interval=1000", "train.eval_batches=1", "checkpoint.interval=1000", "model.n_layer=1", *extra])
-    t0 = time.perf_counter()
-    run_training(cfg)
-    return time.perf_counter() - t0, counters["stats"]["unique_graphs"]
+    results = {}
+    for name, extra in runs.items():
+        cfg = load_config(["configs/tiny.yaml"], [
+            f"data.path={data}", f"train.output_dir={root / name}", f"train.max_steps={STEPS}", "train.samples_to_log=0",
+            "train.eval_interval=1000", "train.eval_batches=1", "checkpoint.interval=1000", "model.n_layer=1", *extra])
+        graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
+        run_training(cfg)
+        results[name] = time.perf_counter() - t0, counters["stats"]["unique_graphs"] - graphs
+    return results
 
 
 def _records(run_dir, key):
@@ -36,9 +39,8 @@ def _step_seconds(run_dir):
 
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tiny_data, tmp_path):
-    runs = {name: run_ranks(_train_timed, 1, tiny_data, tmp_path / name, extra, tmp_path=tmp_path,
-                            timeout=1500)[0]
-            for name, extra in {"eager": [], "compiled": ["train.compile=true"]}.items()}
+    runs = run_ranks(_train_timed, 1, tiny_data, tmp_path, {"eager": [], "compiled": ["train.compile=true"]},
+                     tmp_path=tmp_path, timeout=1500)[0]
     eager, compiled = _records(tmp_path / "eager", "loss"), _records(tmp_path / "compiled", "loss")
     assert "compile: true" in (tmp_path / "compiled" / "config.yaml").read_text()  # the switch reached the run
     assert runs["eager"][1] == 0 and runs["compiled"][1] > 0  # dynamo really compiled the model
