@@ -44,6 +44,8 @@ def build_engine(cfg: TraceConfig, dist: DistInfo, vocab, log: Callable[[str], N
             load_tag = checkpoint.to_universal(save_dir, load_tag, dist.is_main)
             ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    if engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        skip_nonfinite_updates(engine.optimizer)
     if cfg.train.compile:  # after initialize, so that ZeRO's hooks are traced (trace_dist/compile.py)
         compile_engine(engine)
     state = fresh_state()
@@ -52,6 +54,25 @@ def build_engine(cfg: TraceConfig, dist: DistInfo, vocab, log: Callable[[str], N
         state.update(client["trace"])
         log(f"resumed from {save_dir / resume[1]} at step {state['step']}")
     return engine, state
+
+
+def skip_nonfinite_updates(optimizer: torch.optim.Optimizer) -> None:
+    """Give a plain optimizer (ZeRO-0, fp32) the overflow check DeepSpeed's own optimizers have.
+
+    DeepSpeed's ZeRO 1-3, bf16 and fp16 optimizers skip an update whose gradients are not finite and
+    set `overflow`, which the engine reads after `optimizer.step()`: no learning-rate step,
+    `skipped_steps` + 1, `was_step_applied()` False (the trainer counts it). A plain torch optimizer
+    would write NaN into every weight instead. At ZeRO-0 each rank holds the same all-reduced
+    gradients (clipped first: a non-finite norm makes them non-finite too), so all ranks skip alike."""
+    step = optimizer.step
+
+    def checked_step(*args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        optimizer.overflow = bool(grads) and not bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        return None if optimizer.overflow else step(*args, **kwargs)
+
+    optimizer.overflow = False
+    optimizer.step = checked_step
 
 
 def full_grad_norm(engine) -> float | None:
