@@ -32,3 +32,27 @@ def test_only_adam_optimizers_get_the_switch(tmp_path):
     (tmp_path / "sgd.json").write_text(json.dumps(ds))
     cfg = load_config(["configs/tiny.yaml"], [f"deepspeed_config={tmp_path / 'sgd.json'}"])
     assert "torch_adam" not in cfg.deepspeed_config_dict()["optimizer"]["params"]
+
+
+def test_deepspeeds_muon_module_is_imported_without_compiling_and_compiles_when_called():
+    """engine._import_muon_without_compiling: DeepSpeed's ZeRO set-up imports its Muon module on every
+    rank; imported this way, torch._inductor stays out of a run that does not use Muon, and a Muon
+    function still compiles at its first call and computes what DeepSpeed's own decoration does."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from trace_dist.engine import _import_muon_without_compiling
+_import_muon_without_compiling()
+from deepspeed.runtime.zero.muon import original_muon
+from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam  # as DeepSpeed imports it
+assert "torch._inductor.compile_fx" not in sys.modules, "inductor imported"
+g = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+ours = original_muon.zeropower_via_newtonschulz5(g, 5)
+assert "torch._inductor.compile_fx" in sys.modules, "not compiled at the first call"
+theirs = torch.compile(original_muon.zeropower_via_newtonschulz5.__wrapped__)(g, 5)  # DeepSpeed's decoration
+assert torch.equal(ours, theirs)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
