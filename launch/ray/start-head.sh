@@ -18,7 +18,7 @@
 set -euo pipefail
 node_ip=${NODE_IP:?set NODE_IP to this machine's address on the cluster's private network}
 port=${RAY_PORT:-6379}
-args=(--head --node-ip-address "$node_ip" --port "$port" --dashboard-host "${DASHBOARD_HOST:-127.0.0.1}")
+args=(--head --node-ip-address "$node_ip" --port "$port" --dashboard-host "${DASHBOARD_HOST:-127.0.0.1}" --disable-usage-stats)
 [[ -n "${NUM_CPUS:-}" ]] && args+=(--num-cpus "$NUM_CPUS")
 [[ -n "${NUM_GPUS:-}" ]] && args+=(--num-gpus "$NUM_GPUS")
 ray start "${args[@]}" "$@"

@@ -10,7 +10,7 @@
 # workers listen on every interface whatever the node address.
 set -euo pipefail
 head=${RAY_HEAD:?set RAY_HEAD=HOST:PORT of the head node}
-args=(--address "$head")
+args=(--address "$head" --disable-usage-stats)
 [[ -n "${NODE_IP:-}" ]] && args+=(--node-ip-address "$NODE_IP")
 [[ -n "${NUM_CPUS:-}" ]] && args+=(--num-cpus "$NUM_CPUS")
 [[ -n "${NUM_GPUS:-}" ]] && args+=(--num-gpus "$NUM_GPUS")

@@ -92,6 +92,7 @@ LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # gloo (CPU) and NCCL's bootstrap (GPU) pick their own interface, by default not the loopback one.
 LOCAL_COLLECTIVES_ENV = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
 LOOPBACK = "127.0.0.1"
+USAGE_STATS_ENV = "RAY_USAGE_STATS_ENABLED"
 # Run in every Ray worker process when it starts: rank 0's process-group store then listens on
 # MASTER_ADDR alone (torch's listens on all interfaces; rendezvous.py).
 STORE_HOOK = "trace_dist.tune.rendezvous.install"
@@ -117,6 +118,10 @@ def start_ray(spec: SearchConfig, address: str | None) -> None:
     if address is None or is_loopback_address(address):
         # Before `import ray`; a loopback cluster's address then stays 127.0.0.1 for this driver too.
         os.environ.update(LOCAL_ONLY_ENV)  # inherited by gcs_server, raylet and every worker
+    # Ray's usage statistics are on unless switched off: a local Ray would query the cloud metadata
+    # address (169.254.169.254, seen by the loopback test) and report to usage-stats.ray.io. Off
+    # unless the user opts in (RAY_USAGE_STATS_ENABLED=1).
+    os.environ.setdefault(USAGE_STATS_ENV, "0")
     import ray
 
     if address:
