@@ -31,13 +31,18 @@ def _train(data, out, extra):
     return run_training(cfg)
 
 
+def _train_each(data, root, runs: dict):
+    """One process, one run after another: {name: extra overrides} -> run directories root/name."""
+    for name, extra in runs.items():
+        _train(data, root / name, extra)
+
+
 def _train_stages(data, root, ds_config):
     """One process group, several engines on the same data and seed: ZeRO 0, 1, 2, 3, ZeRO-2 with
     the optimizer offloaded to CPU, then ZeRO-3 resumed from its step-2 checkpoint."""
     common = ["train.max_steps=4", "train.samples_to_log=1", "checkpoint.interval=2", f"deepspeed_config={ds_config}"]
-    for stage in (0, 1, 2, 3):
-        _train(data, root / f"z{stage}", [f"zero.stage={stage}", *common])
-    _train(data, root / "z2offload", ["zero.stage=2", "zero.offload_optimizer=true", "train.adam=torch", *common])
+    _train_each(data, root, {**{f"z{stage}": [f"zero.stage={stage}", *common] for stage in (0, 1, 2, 3)},
+                             "z2offload": ["zero.stage=2", "zero.offload_optimizer=true", "train.adam=torch", *common]})
     resumed = root / "z3resumed"
     if int(os.environ["RANK"]) == 0:
         shutil.copytree(root / "z3", resumed)
@@ -92,12 +97,6 @@ def test_gradient_accumulation_consumes_grad_accum_batches_per_step(tiny_data, t
     assert [r["step"] for r in records] == [1, 2] and records[1]["lr"] != records[0]["lr"]
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if not p.name.endswith(".py"))
     assert kept == ["latest", "step00000002"]  # keep_last=1 pruned step 1
-
-
-def _train_each(data, root, runs: dict):
-    """One process, one run after another: {name: extra overrides} -> run directories root/name."""
-    for name, extra in runs.items():
-        _train(data, root / name, extra)
 
 
 def test_activation_checkpointing_gives_identical_losses(tiny_data, tmp_path):

@@ -75,12 +75,11 @@ def _import_muon_without_compiling() -> None:
 
     def compile_at_first_call():
         def decorate(fn):
+            compiled = functools.cache(lambda: eager()(fn))
+
             @functools.wraps(fn)
             def call(*args, **kwargs):
-                if "compiled" not in cache:
-                    cache["compiled"] = eager()(fn)
-                return cache["compiled"](*args, **kwargs)
-            cache: dict = {}
+                return compiled()(*args, **kwargs)
             return call
         return decorate
 
