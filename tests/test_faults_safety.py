@@ -396,42 +396,38 @@ def test_live_jit_lock_is_waited_for_with_a_bound_and_a_message(extensions_dir, 
     assert "removed a stale" not in capsys.readouterr().err.split("waiting")[-1]
 
 
-def _start_deepspeed_comm():
-    import deepspeed
-    import torch.distributed as dist
+def _start_deepspeed_with_cpu_adam():
+    import deepspeed.comm.comm as ds_comm
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    from trace_dist import jit_lock
-    from trace_dist.distributed import backend, free_port
+    from trace_dist.distributed import init_distributed
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
-    jit_lock.guard()
-    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
-    dist.destroy_process_group()
-    return True
+    init_distributed()  # runs the guard, as every start does
+    DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(4))])  # loads (takes the lock of) the JIT-built op
+    return ds_comm.cdb.shm_comm_op is None  # the CPU comm op is skipped: nothing of it built or started
 
 
 @pytest.mark.slow
-def test_deepspeed_starts_despite_a_stale_lock_of_its_comm_op(extensions_dir, tmp_path):
-    """The real fault: a stale lock in the build directory of DeepSpeed's CPU comm op, which torch's
-    loader takes on every start, built or not. Without the guard this start never ends. The build
-    directory is a copy of this machine's built op when there is one (torch then only checks that it
-    is up to date), else the op really JIT-builds here (~30 s)."""
-    import shutil
+def test_deepspeed_starts_despite_a_stale_lock_of_its_adam_op(extensions_dir, tmp_path):
+    """The real fault: a stale lock in the build directory of a JIT-built DeepSpeed op (here the CPU
+    Adam of offloaded runs), which torch's loader takes on every load, built or not. Without the
+    guard this start never ends. The build directory is a copy of this machine's built op (built
+    here first if need be, as the offload tests would)."""
+    from deepspeed.ops.op_builder import CPUAdamBuilder
 
     from trace_dist.jit_lock import extensions_root
 
-    with pytest.MonkeyPatch.context() as env:  # where the other tests' DeepSpeed starts built it
+    with pytest.MonkeyPatch.context() as env:  # this machine's default build root
         env.delenv("TORCH_EXTENSIONS_DIR")
-        built = sorted(extensions_root().glob("*/deepspeed_shm_comm/*.so"))  # <root>/<pyXY_device>/<name>
-    build = extensions_dir / "deepspeed_shm_comm"
-    if built:
-        shutil.copytree(built[0].parent, build, ignore=shutil.ignore_patterns("lock"))
-    build.mkdir(parents=True, exist_ok=True)
+        CPUAdamBuilder().load()
+        built = sorted(extensions_root().glob(f"*/{CPUAdamBuilder.NAME}/*.so"))  # <root>/<pyXY_device>/<name>
+    build = extensions_dir / CPUAdamBuilder.NAME
+    shutil.copytree(built[0].parent, build, ignore=shutil.ignore_patterns("lock"))
     lock = build / "lock"
     lock.touch()
-    assert run_ranks(_start_deepspeed_comm, 1, tmp_path=tmp_path, timeout=400) == [True]
+    assert run_ranks(_start_deepspeed_with_cpu_adam, 1, tmp_path=tmp_path, timeout=400) == [True]
     assert not lock.exists() and any(build.glob("*.so"))
+    assert sorted(p.name for p in extensions_dir.iterdir()) == [CPUAdamBuilder.NAME]
 
 
 def test_eval_refuses_data_of_another_tokenizer_before_starting(conditional_export, tmp_path, capsys):

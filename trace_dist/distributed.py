@@ -52,10 +52,9 @@ def init_distributed() -> DistInfo:
     jit_lock.guard()  # a build lock left by a killed process would make DeepSpeed's start wait forever
     if not dist.is_initialized() and elastic_attempt() is not None:
         _join_elastic_attempt()  # DeepSpeed then finds the group made and keeps it
+    _skip_deepspeed_shm_op()
     deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if backend() == "gloo":
-        _unlink_deepspeed_shm(rank)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -104,18 +103,19 @@ def local_info() -> DistInfo:
     return DistInfo(0, 0, 1, torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
 
 
-def _unlink_deepspeed_shm(rank: int) -> None:
-    """DeepSpeed's CPU comm op creates a 69 MB /dev/shm buffer per rank when all ranks share a node
-    (LOCAL_SIZE == world size, 1 included; for its inference all-reduce, which training never uses)
-    and never unlinks it: every run, and
-    every killed run, leaked 69 MB per rank of RAM until reboot. Once every rank has mapped every
-    peer's buffer (the end of deepspeed.init_distributed, then this barrier), each rank removes its
-    own name; the mappings stay valid and the kernel frees the memory when the processes exit."""
-    dist.barrier()
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
-    if os.path.exists(name):
-        os.unlink(name)
+def _skip_deepspeed_shm_op() -> None:
+    """DeepSpeed's CPU backend JIT-builds and starts a shared-memory comm op in every process, for its
+    inference all-reduce, which training never calls. It cost a ~40 s build at the first start on
+    each machine (and a JIT-build lock a killed start could leave behind), and a 69 MB /dev/shm
+    buffer per rank that DeepSpeed never unlinks: every run, and every killed run, leaked 69 MB of
+    RAM per rank until reboot. Marked incompatible, `deepspeed.comm.torch.build_shm_op` skips it.
+    (Other accelerators have no such builder.)"""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

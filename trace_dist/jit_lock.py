@@ -1,7 +1,7 @@
 """No start waits forever on a JIT-build lock.
 
-DeepSpeed builds its CPU communication op (and its Adam kernels) with torch's JIT extension loader,
-which serialises builds with a `lock` file in the extension's build directory
+DeepSpeed builds its Adam kernels (CPU Adam for offload, FusedAdam on GPU) with torch's JIT
+extension loader, which serialises builds with a `lock` file in the extension's build directory
 (`$TORCH_EXTENSIONS_DIR/<name>/lock`, by default `~/.cache/torch_extensions/py311_cpu/<name>/lock`;
 torch.utils.file_baton). A process killed while building leaves the file behind, and every later
 start then waits on it forever without a word. `guard()`, run before anything may JIT-build:
