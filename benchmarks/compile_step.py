@@ -32,7 +32,7 @@ def main(argv=None) -> dict:
     from trace_dist.config import load_config
     from trace_dist.data import load_tokenizer
     from trace_dist.distributed import init_distributed
-    from trace_dist.model import TRACE
+    from trace_dist.model.trace import TRACE
 
     repeats = 2 if args.smoke else args.repeats
     with tempfile.TemporaryDirectory() as tmp:

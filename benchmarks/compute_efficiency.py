@@ -29,7 +29,7 @@ import common  # first: pins threads
 import torch
 
 from trace_dist.mfu import table_peak
-from trace_dist.model import TRACE
+from trace_dist.model.trace import TRACE
 from trace_dist.model.config import ModelConfig
 from trace_dist.vocab import Vocab
 

@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from trace_dist.model import TRACE  # noqa: E402  (before trace_dist.config: see the report on import order)
+from trace_dist.model.trace import TRACE  # noqa: E402  (before trace_dist.config: see the report on import order)
 from trace_dist.config import load_config  # noqa: E402
 from trace_dist.data import load_tokenizer, train_loader  # noqa: E402
 from trace_dist.data.prepare import main as prepare  # noqa: E402

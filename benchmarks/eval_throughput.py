@@ -45,8 +45,8 @@ from trace_dist import evaluate
 from trace_dist.checkpoint import load_for_inference
 from trace_dist.config import load_config
 from trace_dist.data import eval_loader, load_tokenizer, train_loader
-from trace_dist.distributed import free_port
-from trace_dist.model import TRACE
+from trace_dist.ports import free_port
+from trace_dist.model.trace import TRACE
 from trace_dist.sampling import prior_chunk
 
 from eval_reference import likelihood_pass_batch1  # also the tests' oracle

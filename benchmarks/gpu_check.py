@@ -116,7 +116,7 @@ def train(cfg, peak: float) -> dict:
     tokens_per_s = sorted(r["tokens_per_s"] for r in rows[1:] or rows)[len(rows[1:] or rows) // 2]   # median
     from trace_dist.data import load_tokenizer
     from trace_dist.mfu import mfu
-    from trace_dist.model import TRACE
+    from trace_dist.model.trace import TRACE
 
     with torch.device("meta"):                            # shapes only, for the FLOP count
         flops = TRACE(cfg.model, load_tokenizer(cfg.data.path)[1]).flops_per_token()
@@ -136,7 +136,7 @@ def profile(cfg, size: dict, peak: float) -> dict:
     from trace_dist.data import load_tokenizer
     from trace_dist.distributed import init_distributed
     from trace_dist.mfu import mfu
-    from trace_dist.model import TRACE
+    from trace_dist.model.trace import TRACE
 
     info = init_distributed()
     _, vocab = load_tokenizer(cfg.data.path)

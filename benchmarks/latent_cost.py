@@ -20,7 +20,7 @@ import common  # first: pins threads
 import torch
 
 from compute_efficiency import full_batch, sync, train_step
-from trace_dist.model import TRACE
+from trace_dist.model.trace import TRACE
 from trace_dist.model.config import ModelConfig
 from trace_dist.vocab import Vocab
 

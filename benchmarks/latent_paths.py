@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from trace_dist.model import TRACE
+from trace_dist.model.trace import TRACE
 from trace_dist.model.config import ModelConfig
 from trace_dist.model.latent import Latent, latent_path
 from trace_dist.vocab import Vocab

@@ -24,7 +24,7 @@ import common  # first: pins threads, DS_ACCELERATOR
 import torch
 
 from trace_dist.config import load_config
-from trace_dist.model import TRACE
+from trace_dist.model.trace import TRACE
 
 
 def params_of_quickstart(smoke: bool) -> list[torch.Tensor]:

@@ -226,7 +226,7 @@ def paired_path_speed(config: Path, data: Path, extra: list[str], rounds: int) -
 
     from trace_dist.config import load_config
     from trace_dist.data import load_tokenizer, train_loader
-    from trace_dist.model import TRACE
+    from trace_dist.model.trace import TRACE
 
     _, vocab = load_tokenizer(data)
     cfg = load_config([config], extra + [f"data.path={data}"])

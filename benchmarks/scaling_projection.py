@@ -48,7 +48,7 @@ LABELS = {"zero0": "0", "zero1": "1", "zero2": "2", "zero2_reduce": "2, bucket a
 
 def gpt2_base():
     """Ψ and training FLOPs per token of the GPT-2-base TRACE the projection is for."""
-    from trace_dist.model import TRACE
+    from trace_dist.model.trace import TRACE
     from trace_dist.model.config import ModelConfig
     from trace_dist.vocab import Vocab
 

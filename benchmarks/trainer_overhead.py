@@ -33,7 +33,7 @@ import torch
 
 from trace_dist.config import load_config
 from trace_dist.data import load_tokenizer, train_loader
-from trace_dist.model import TRACE
+from trace_dist.model.trace import TRACE
 from trace_dist.train import Trainer
 
 

@@ -152,7 +152,7 @@ def rank_main(data: str, model_overrides: list[str], steps: int) -> dict:
     from trace_dist.config import load_config
     from trace_dist.data import load_tokenizer, train_loader
     from trace_dist.distributed import init_distributed
-    from trace_dist.model import TRACE
+    from trace_dist.model.trace import TRACE
 
     d = init_distributed()
     _, vocab = load_tokenizer(data)

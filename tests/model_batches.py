@@ -67,7 +67,7 @@ def random_batch(seed: int = 0, B: int = 3, max_k: int = 4, conditional: bool = 
 def build(seed: int = 0, **overrides):
     """A tiny TRACE whose latent injection is non-zero, as after training: it starts at zero (the
     model starts as the plain LM), and the structural tests must see z reach the decoder."""
-    from trace_dist.model import TRACE
+    from trace_dist.model.trace import TRACE
 
     torch.manual_seed(seed)
     model = TRACE(tiny_config(**overrides), VOCAB)

@@ -31,7 +31,7 @@ def test_trainer_overhead_smoke():
 
 
 def test_compute_efficiency_smoke():
-    from trace_dist.model import TRACE
+    from trace_dist.model.trace import TRACE
     from trace_dist.model.config import ModelConfig
     from trace_dist.vocab import Vocab
 

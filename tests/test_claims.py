@@ -57,7 +57,7 @@ def _one_sgd_step(data, root, ds_config, clip):
     from trace_dist.checkpoint import load_for_inference
     from trace_dist.config import load_config
     from trace_dist.data import load_tokenizer
-    from trace_dist.model import TRACE
+    from trace_dist.model.trace import TRACE
     from trace_dist.train import run_training
 
     out = root / f"clip{clip}"

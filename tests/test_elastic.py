@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from test_train import curve, overrides
-from trace_dist.distributed import free_port
+from trace_dist.ports import free_port
 
 STEPS = ["train.max_steps=8", "checkpoint.interval=2", "train.eval_interval=4"]
 

@@ -15,7 +15,7 @@ TINY = "configs/tiny.yaml"
 def coupled_model(cfg, vocab):
     """An untrained TRACE whose decoder reads z: the latent injection starts at zero (the model
     starts as the plain LM), which would make every test of the latent path pass vacuously."""
-    from trace_dist.model import TRACE
+    from trace_dist.model.trace import TRACE
 
     torch.manual_seed(0)
     model = TRACE(cfg.model, vocab)
@@ -160,7 +160,7 @@ def _eval_cli(export, out, *extra):
 @pytest.fixture
 def single_process_env(monkeypatch):
     """Rendezvous variables for the in-process group, restored afterwards (no leak into other tests)."""
-    from trace_dist.distributed import free_port
+    from trace_dist.ports import free_port
 
     for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                      MASTER_PORT=str(free_port())).items():
@@ -255,7 +255,7 @@ def test_conditional_eval_and_prompt_generation(tmp_path, single_process_env):
     from trace_dist.config import load_config
     from trace_dist.data import load_tokenizer
     from trace_dist.data.prepare import main as prepare
-    from trace_dist.model import TRACE
+    from trace_dist.model.trace import TRACE
 
     rows = [{"prompt": doc.split(".")[0], "target": doc} for doc in tiny_corpus(120, seed=1)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -118,7 +118,7 @@ def _resume_engine(data, root, poisoned):
     from trace_dist.config import load_config
     from trace_dist.data import load_tokenizer
     from trace_dist.distributed import init_distributed
-    from trace_dist.model import TRACE
+    from trace_dist.model.trace import TRACE
 
     safe_load.install()
     init_distributed()
@@ -225,7 +225,7 @@ def test_changed_model_size_names_the_first_parameter(runs):
     from tokenizers import Tokenizer
 
     from trace_dist.config import load_config
-    from trace_dist.model import TRACE
+    from trace_dist.model.trace import TRACE
     from trace_dist.vocab import Vocab
 
     for stage in ("z0", "z2"):
@@ -303,7 +303,7 @@ def conditional_export(tiny_data, tmp_path_factory):
 
     from trace_dist.config import load_config
     from trace_dist.data import load_tokenizer
-    from trace_dist.model import TRACE
+    from trace_dist.model.trace import TRACE
 
     out = tmp_path_factory.mktemp("conditional_export")
     cfg = load_config([TINY], [f"data.path={tiny_data}", "model.conditional=true"])

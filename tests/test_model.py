@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model_batches import build, VOCAB, make_batch, random_batch, random_segments, tiny_config
-from trace_dist.model import TRACE, TraceOutput
+from trace_dist.model.trace import TRACE, TraceOutput
 from trace_dist.model.latent import Latent, latent_path, layer_norm_fixed
 
 

@@ -6,7 +6,7 @@ import torch
 
 from model_batches import build, VOCAB, make_batch, random_batch, random_segments, tiny_config
 from trace_dist.model.config import GenerationConfig
-from trace_dist.model import TRACE
+from trace_dist.model.trace import TRACE
 from trace_dist.model.generation import filter_probs, next_token
 
 GREEDY = GenerationConfig(greedy=True, max_new_tokens=14)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model_batches import tiny_config
-from trace_dist.model import TRACE
+from trace_dist.model.trace import TRACE
 from trace_dist.vocab import Vocab
 
 transformers = pytest.importorskip("transformers")

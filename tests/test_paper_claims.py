@@ -275,7 +275,7 @@ def test_gpt2_assets_shift_vocab_and_weights(tmp_path):
     from tokenizers import ByteLevelBPETokenizer
 
     from trace_dist.data import load_tokenizer
-    from trace_dist.model import TRACE
+    from trace_dist.model.trace import TRACE
     from model_batches import tiny_config
 
     sys.path.insert(0, str(REPO / "configs" / "paper"))

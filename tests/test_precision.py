@@ -36,7 +36,7 @@ def _latent_dtypes_in_a_bf16_engine(data):
 
     from trace_dist.config import load_config
     from trace_dist.data import load_tokenizer, train_loader
-    from trace_dist.model import TRACE
+    from trace_dist.model.trace import TRACE
 
     cfg = load_config(["configs/tiny.yaml"], [f"data.path={data}", "precision=bf16", "data.num_workers=0"])
     _, vocab = load_tokenizer(data)

@@ -3,6 +3,7 @@ the Pareto front, and the results files."""
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -233,7 +234,7 @@ def test_plot_and_hparams_are_written(tmp_path):
 
 
 def test_resume_without_a_search_and_rerun_over_one_are_refused(tmp_path, tiny_data, capsys):
-    from trace_dist.tune import main
+    from trace_dist.tune.cli import main
 
     search = write_search(tmp_path, base={"config": [str(REPO / "configs/tiny.yaml")],
                                           "overrides": {"data.path": str(tiny_data)}})
@@ -265,32 +266,49 @@ def test_config_nest_and_flatten_are_inverse():
     assert flatten(nest(flat)) == flat
 
 
-def test_rendezvous_store_listens_on_master_addr_only():
-    """Rank 0's TCPStore server through the hook vs torch's own (which listens on all interfaces)."""
-    import socket
-    from datetime import timedelta
+HOOKED_PROCESS_GROUP = """
+import os, socket, sys
+from datetime import timedelta
 
-    import psutil
+import psutil
 
-    from trace_dist.tune.rendezvous import _torch_create_store, store_on_master_addr
+from trace_dist.tune.rendezvous import install, torch_create_store
 
-    def listening(port: int) -> set[str]:
-        return {c.laddr.ip for c in psutil.Process().net_connections(kind="inet")
-                if c.status == "LISTEN" and c.laddr.port == port}
+install()                                   # what Ray runs first in every worker process
+assert "torch" not in sys.modules, "the setup hook imported torch"
+import torch.distributed as dist            # Ray Train's worker, then init_process_group("env://")
 
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
 
-    port = free_port()
-    store = store_on_master_addr("127.0.0.1", port, 0, 1, timedelta(seconds=30))
-    store.set("k", "v")
-    assert listening(port) == {"127.0.0.1"} and store.get("k") == b"v"
-    wide_port = free_port()
-    wide = _torch_create_store("127.0.0.1", wide_port, 0, 1, timedelta(seconds=30))
-    assert listening(wide_port) - {"127.0.0.1", "::ffff:127.0.0.1"}, "torch's own store now listens on loopback only"
-    del store, wide
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening(port):
+    return {c.laddr.ip for c in psutil.Process().net_connections(kind="inet") if c.status == "LISTEN" and c.laddr.port == port}
+
+
+port = free_port()
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+dist.init_process_group("gloo", init_method="env://", rank=0, world_size=1, timeout=timedelta(seconds=60))
+assert listening(port) == {"127.0.0.1"}, listening(port)
+install()                                   # again, torch loaded: idempotent
+wide_port = free_port()
+wide = torch_create_store()("127.0.0.1", wide_port, 0, 1, timedelta(seconds=30))
+assert listening(wide_port) - {"127.0.0.1", "::ffff:127.0.0.1"}, "torch's own store now listens on loopback only"
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_setup_hook_imports_no_torch_and_the_store_then_listens_on_master_addr_only():
+    """Ray runs the hook in every worker process, most of which never load torch; in those that do,
+    rank 0's TCPStore server (created inside init_process_group) listens on MASTER_ADDR alone,
+    where torch's own listens on every interface."""
+    r = subprocess.run([sys.executable, "-c", HOOKED_PROCESS_GROUP], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
+    assert r.returncode == 0 and r.stdout.split() == ["ok"], r.stderr[-3000:]
 
 
 def test_results_table_has_the_validation_metrics_and_the_kl_floor():

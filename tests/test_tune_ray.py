@@ -10,7 +10,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+
+from trace_dist.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -205,12 +206,6 @@ def test_quick_search_optuna_asha_pareto_and_only_loopback_sockets(tiny_data, tm
 
 
 # ------------------------------------------------------------------ a two-node cluster
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def agent_ports() -> list[str]:
     """Ports Ray would otherwise take at fixed defaults, which two nodes on one machine (or other
     test runs on it) would share."""

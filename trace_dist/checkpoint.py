@@ -215,7 +215,7 @@ def load_for_inference(path: Path | str, overrides: list[str] | None = None, con
     truncated, unsafe or mismatched checkpoint raises CheckpointError naming the file or parameter."""
     from safetensors import SafetensorError, safe_open
 
-    from trace_dist.model import TRACE
+    from trace_dist.model.trace import TRACE
     from trace_dist.vocab import Vocab
 
     path = Path(path)

@@ -16,7 +16,7 @@ COMMANDS = {
     "train": ("trace_dist.launch", "validate a config, then start DeepSpeed training via the launcher"),
     "eval": ("trace_dist.evaluate", "PPL/ELBO/KL/MI/AU and BLEU/Self-BLEU/Distinct of a checkpoint"),
     "generate": ("trace_dist.generate", "sample, continue prompts, reconstruct, interpolate"),
-    "tune": ("trace_dist.tune", "Ray Tune search, each trial a multi-worker DeepSpeed run"),
+    "tune": ("trace_dist.tune.cli", "Ray Tune search, each trial a multi-worker DeepSpeed run"),
     "export": ("trace_dist.export", "DeepSpeed checkpoint -> safetensors + config + tokenizer"),
     "quickstart": ("trace_dist.quickstart", "prepare -> 2-process training -> eval -> samples on builtin:pydoc"),
 }

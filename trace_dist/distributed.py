@@ -7,12 +7,13 @@ a plain single process (we fill in the rendezvous variables ourselves).
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 import torch.distributed as dist
+
+from trace_dist.ports import free_port
 
 
 @dataclass(frozen=True)
@@ -25,12 +26,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def backend() -> str:

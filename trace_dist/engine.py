@@ -29,7 +29,7 @@ def build_engine(cfg: TraceConfig, dist: DistInfo, vocab, log: Callable[[str], N
     import deepspeed
 
     from trace_dist.data import check_same_tokenizer
-    from trace_dist.model import TRACE
+    from trace_dist.model.trace import TRACE
 
     safe_load.install()  # every checkpoint read below (DeepSpeed's included) is weights-only
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Optional
 
 from trace_dist.config import ConfigError, TraceConfig, load_config
-from trace_dist.distributed import free_port
+from trace_dist.ports import free_port
 from trace_dist.files import atomic_write
 from trace_dist.runlock import RunLock
 

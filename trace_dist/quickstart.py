@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trace_dist.distributed import free_port
+from trace_dist.ports import free_port
 
 CLI = [sys.executable, "-m", "trace_dist.cli"]
 

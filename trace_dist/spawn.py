@@ -15,7 +15,7 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-from trace_dist.distributed import free_port
+from trace_dist.ports import free_port
 
 
 def _entry(rank: int, world: int, port: int, fn, args, out_dir: str) -> None:

@@ -1,5 +1,2 @@
-"""The TRACE model in plain PyTorch (no distributed code): `TRACE(cfg, vocab)(batch) -> TraceOutput`."""
-
-from trace_dist.model.trace import TRACE, TraceOutput
-
-__all__ = ["TRACE", "TraceOutput"]
+"""The TRACE model in plain PyTorch (no distributed code): `TRACE(cfg, vocab)(batch) -> TraceOutput`
+(model/trace.py). Nothing is imported here, so that the configs (model/config.py) load without torch."""
