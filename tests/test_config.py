@@ -115,3 +115,16 @@ def test_choices_come_from_the_config():
 
     assert choices(ModelConfig, "latent_path") == ("sequential", "parallel", "scan")
     assert choices(EvalConfig, "split") == ("valid", "test")
+
+
+def test_commands_validate_their_input_without_importing_torch():
+    """`trace-dist train`/`tune` check configs, data and searches before any process starts; none of
+    that needs torch (2.3 s to import), and a Ray worker running the search's setup hook must not pay
+    for it either (tune/rendezvous.py)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import trace_dist.launch, trace_dist.tune.cli, trace_dist.tune.rendezvous; "
+            "print(sorted(m for m in ('torch', 'deepspeed', 'ray') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]
