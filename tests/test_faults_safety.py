@@ -364,12 +364,14 @@ def test_stale_jit_lock_is_removed_with_a_warning(extensions_dir, capsys):
     other = extensions_dir / "cpu_adam" / "build.ninja"
     other.parent.mkdir()
     other.touch()
-    jit_lock.guard(timeout_s=5)
+    jit_lock.guard()
     assert not stale.exists() and other.exists()
     assert f"removed a stale JIT-build lock {stale}" in capsys.readouterr().err
 
 
 def test_live_jit_lock_is_waited_for_with_a_bound_and_a_message(extensions_dir, capsys, monkeypatch):
+    """A live build is waited for only where its extension is loaded (torch's FileBaton.wait, bounded
+    and named); a start that never loads it goes on (it used to wait for another run's CPU Adam build)."""
     from torch.utils.file_baton import FileBaton
 
     from trace_dist import jit_lock
@@ -378,20 +380,20 @@ def test_live_jit_lock_is_waited_for_with_a_bound_and_a_message(extensions_dir, 
     holder = hold_lock(lock, 60)
     try:
         assert jit_lock.holders(lock) == [holder.pid]
+        jit_lock.guard()                                 # returns at once, the live lock untouched
+        assert lock.exists() and "removed a stale" not in capsys.readouterr().err
+        monkeypatch.setattr(jit_lock, "TIMEOUT_S", 1)    # torch's own wait is bounded
         with pytest.raises(jit_lock.LockTimeout, match=rf"{lock} still held after 1 s by pid\(s\) \[{holder.pid}\]"):
-            jit_lock.guard(timeout_s=1)
-        assert f"waiting for the JIT build that holds {lock}" in capsys.readouterr().err
-        # torch's own wait (an endless silent loop before) is bounded too
-        monkeypatch.setattr(jit_lock, "TIMEOUT_S", 1)
-        with pytest.raises(jit_lock.LockTimeout):
             FileBaton(str(lock)).wait()
+        assert f"waiting for the JIT build that holds {lock}" in capsys.readouterr().err
     finally:
         holder.kill()
         holder.wait()
-    jit_lock.guard(timeout_s=5)                          # its holder died: now stale, removed
+    jit_lock.guard()                                     # its holder died: now stale, removed
     assert not lock.exists()
-    released = hold_lock(lock, 1)                        # a build that finishes while we wait
-    jit_lock.guard(timeout_s=30)
+    monkeypatch.setattr(jit_lock, "TIMEOUT_S", 30)
+    released = hold_lock(lock, 1)                        # a build that finishes while torch waits
+    FileBaton(str(lock)).wait()
     assert released.wait(10) == 0 and not lock.exists()
     assert "removed a stale" not in capsys.readouterr().err.split("waiting")[-1]
 

@@ -9,8 +9,10 @@ start then waits on it forever without a word. `guard()`, run before anything ma
   - removes each stale lock, with a warning: no process on this machine holds it open (the builder
     keeps its descriptor open for the whole build). On a network filesystem a builder on another node
     is invisible, so there a lock also has to be older than `grace_s` (no build takes that long);
-  - waits for a lock that is live, saying who holds it, and gives up after `timeout_s` naming it;
-  - bounds torch's own wait the same way (FileBaton.wait), for locks taken after the sweep.
+  - bounds torch's own wait for a live lock (FileBaton.wait, an endless silent spin): it says who
+    holds the lock, removes it if its builder dies meanwhile, and gives up after TIMEOUT_S naming it.
+    Only a process that loads that extension meets that wait; a start that never loads the CPU
+    Adam does not wait for another run's build of it.
 """
 
 from __future__ import annotations
@@ -131,13 +133,13 @@ def _bounded_baton_wait(self) -> None:
     wait_for_lock(Path(self.lock_file_path), timeout_s=TIMEOUT_S, grace_s=GRACE_S, poll_s=self.wait_seconds)
 
 
-def guard(timeout_s: float = TIMEOUT_S, grace_s: float = GRACE_S) -> None:
-    """Clear stale JIT-build locks and wait (bounded) for live ones; bound torch's own lock wait.
-    Call before deepspeed.init_distributed (idempotent)."""
+def guard(grace_s: float = GRACE_S) -> None:
+    """Remove stale JIT-build locks; bound torch's own wait for live ones. Call before
+    deepspeed.init_distributed (idempotent)."""
     from torch.utils.file_baton import FileBaton
 
     FileBaton.wait = _bounded_baton_wait
     root = extensions_root()
     if root.is_dir():
         for lock in find_locks(root):
-            wait_for_lock(lock, timeout_s, grace_s)
+            _remove_if_stale(lock, grace_s)
