@@ -68,17 +68,13 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
-def pytest_collection_modifyitems(config, items):
-    """Slow tests first (Ray searches, then the other multi-process ones), dealt out among the xdist
-    workers (pyproject.toml: -n 2). xdist's worksteal gives each worker one contiguous share of this
-    list and a worker that runs dry steals from the end of another's share; so each share starts with
-    its part of the slow tests and ends with fast ones, and no worker is left ending on long tests
-    the other never reached (the suite used to end on them). Stable within each class."""
+def pytest_collection_modifyitems(items):
+    """Slow tests first (Ray searches, then the other multi-process ones), so that the two xdist
+    workers (pyproject.toml: -n 2) share the long ones instead of one worker ending on them alone.
+    Stable: within each class the files keep their order."""
     def rank(item) -> int:
         if item.get_closest_marker("slow") is None:
             return 2
         return 0 if item.path.name == "test_tune_ray.py" else 1
 
     items.sort(key=rank)
-    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
-    items[:] = [item for share in range(workers) for item in items[share::workers]]
