@@ -267,22 +267,17 @@ def test_config_nest_and_flatten_are_inverse():
 
 
 HOOKED_PROCESS_GROUP = """
-import os, socket, sys
+import os, sys
 from datetime import timedelta
 
 import psutil
 
+from trace_dist.ports import free_port
 from trace_dist.tune.rendezvous import install, torch_create_store
 
 install()                                   # what Ray runs first in every worker process
 assert "torch" not in sys.modules, "the setup hook imported torch"
 import torch.distributed as dist            # Ray Train's worker, then init_process_group("env://")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening(port):
